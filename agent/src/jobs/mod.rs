@@ -1,0 +1,170 @@
+//! The job model: what the server sends ([`Job`]), what the agent answers
+//! ([`JobResult`], [`Status`]), the allowlist, and dispatch to the operations.
+//!
+//! To add an operation: add its name to [`OPERATIONS`], a module with a
+//! `run(&JobContext, &serde_json::Value) -> JobResult` function, and an arm in
+//! [`execute`]. Everything else (spool, dedup, allowlist, CLI `exec`) is shared.
+pub mod run_script;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::PathBuf;
+
+use crate::runner::Runner;
+
+/// Every operation this agent can run, in the names the protocol uses.
+pub const OPERATIONS: &[&str] = &["RunScript", "ExtendPartition", "InitializeDisk"];
+
+/// A job as the server sends it, and as a job file for `exec --job` holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub id: String,
+    pub operation: String,
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// The states a job goes through. `Running` is reported when a job starts;
+/// the others are final.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Succeeded,
+    NoChange,
+    Refused,
+    Failed,
+    Interrupted,
+}
+
+impl Status {
+    /// Exit code of `xcp-vm-agent exec` for this status.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Status::Succeeded | Status::NoChange | Status::Running => 0,
+            Status::Failed | Status::Interrupted => 1,
+            Status::Refused => 3,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::NoChange => "no_change",
+            Status::Refused => "refused",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What the agent reports about one job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobResult {
+    pub job_id: String,
+    pub operation: String,
+    pub status: Status,
+    pub message: String,
+    #[serde(default)]
+    pub details: Value,
+    /// Unix seconds.
+    #[serde(default)]
+    pub started_at: u64,
+    #[serde(default)]
+    pub finished_at: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+impl JobResult {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
+        JobResult {
+            job_id: String::new(),
+            operation: String::new(),
+            status,
+            message: message.into(),
+            details: Value::Object(Default::default()),
+            started_at: 0,
+            finished_at: 0,
+            duration_ms: 0,
+        }
+    }
+    pub fn succeeded(message: impl Into<String>) -> Self {
+        Self::new(Status::Succeeded, message)
+    }
+    pub fn no_change(message: impl Into<String>) -> Self {
+        Self::new(Status::NoChange, message)
+    }
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self::new(Status::Refused, message)
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::new(Status::Failed, message)
+    }
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// Everything an operation may use besides its parameters.
+pub struct JobContext {
+    pub state_dir: PathBuf,
+    pub fstab_path: PathBuf,
+    pub runner: Runner,
+    /// Where xenstore lives, for `{"xen_vbd": N}` targets (None: autodetect).
+    pub xenstore_path: Option<PathBuf>,
+}
+
+impl JobContext {
+    pub fn new(state_dir: PathBuf, fstab_path: PathBuf, dry_run: bool) -> Self {
+        JobContext { state_dir, fstab_path, runner: Runner::new(dry_run), xenstore_path: None }
+    }
+}
+
+/// Parse a job's params into a typed struct, answering `refused` with the
+/// serde message (which names the field) when they do not fit.
+pub fn parse_params<T: serde::de::DeserializeOwned>(op: &str, params: &Value) -> Result<T, JobResult> {
+    let v = if params.is_null() { Value::Object(Default::default()) } else { params.clone() };
+    serde_json::from_value(v).map_err(|e| JobResult::refused(format!("invalid parameters for {op}: {e}")))
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Run one job to completion: allowlist check, dispatch, timing. Never
+/// panics on bad input: every problem becomes a result.
+pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
+    let started = std::time::Instant::now();
+    let started_at = now_unix();
+    let mut r = if !OPERATIONS.contains(&job.operation.as_str()) {
+        JobResult::refused(format!("unknown operation {:?}; this agent offers {}", job.operation, OPERATIONS.join(", ")))
+    } else if !allowed.iter().any(|a| a == &job.operation) {
+        JobResult::refused(format!(
+            "operation {} is not in allowed_operations ({}) of this agent's config",
+            job.operation,
+            allowed.join(", ")
+        ))
+    } else {
+        match job.operation.as_str() {
+            "RunScript" => run_script::run(ctx, &job.params),
+            "ExtendPartition" => crate::disk::extend::run(ctx, &job.params),
+            "InitializeDisk" => crate::disk::initialize::run(ctx, &job.params),
+            _ => unreachable!(),
+        }
+    };
+    if ctx.runner.dry_run() {
+        if let Value::Object(m) = &mut r.details {
+            m.insert("dry_run".into(), Value::Bool(true));
+            m.insert("plan".into(), Value::from(ctx.runner.plan()));
+        }
+    }
+    r.job_id = job.id.clone();
+    r.operation = job.operation.clone();
+    r.started_at = started_at;
+    r.finished_at = now_unix();
+    r.duration_ms = started.elapsed().as_millis() as u64;
+    r
+}

@@ -1,0 +1,1 @@
+//! Xen integration (xenstore client, guest-tools keys).

@@ -1,0 +1,45 @@
+//! `cargo xtask`: the project's build, test, demo, bench and packaging tasks.
+//!
+//! `main` only parses the task name and dispatches to one file per task.
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+
+const HELP: &str = "\
+cargo xtask TASK [ARGS]
+
+Tasks:
+  test     install what is missing, then run every test tier (unit, integration,
+           root-only loop-device tier, packaging checks)
+  demo     build, start mgmt-server on loopback with a fresh PKI, run the agent
+           against it and show jobs coming back
+  bench    measure binary size, idle RSS, CPU per check-in, job pickup latency
+           and disk-operation overhead; writes target/bench/results.json
+  dist     build the static binary and .deb, .rpm, .apk and .tar.gz into target/dist
+  setup    install the system packages and Rust targets the tasks need
+  help     this text; `cargo xtask TASK --help` for a task's options
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let task = args.first().map(String::as_str).unwrap_or("help");
+    let rest = if args.is_empty() { &[][..] } else { &args[1..] };
+    let r: Result<()> = match task {
+        "test" => test::run(rest),
+        "setup" => setup::run(rest),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => {
+            eprint!("unknown task {other:?}\n\n{HELP}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("xtask {task}: error: {e:#}");
+        std::process::exit(1);
+    }
+}

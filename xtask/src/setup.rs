@@ -1,0 +1,73 @@
+//! `cargo xtask setup`: install the system packages and Rust targets the
+//! other tasks need. As root on Debian/Ubuntu it runs apt-get; elsewhere it
+//! prints the exact command to run. Each entry names the program that proves
+//! the package is there, so a machine that has everything installs nothing.
+use crate::util::{self, have, is_root, step};
+use anyhow::{bail, Result};
+use std::process::Command;
+
+/// (program that must exist, Debian package providing it).
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("musl-gcc", "musl-tools"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("growpart", "cloud-guest-utils"),
+    ("sgdisk", "gdisk"),
+    ("parted", "parted"),
+    ("sfdisk", "fdisk"),
+    ("pvcreate", "lvm2"),
+    ("xenstore-read", "xenstore-utils"),
+    ("lintian", "lintian"),
+    ("rpmlint", "rpmlint"),
+    ("rpm", "rpm"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("shellcheck", "shellcheck"),
+    ("systemd-analyze", "systemd"),
+    ("fakeroot", "fakeroot"),
+];
+
+pub fn missing() -> Vec<&'static str> {
+    let mut v: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !have(p)).map(|(_, d)| *d).collect();
+    v.dedup();
+    v
+}
+
+pub fn run_setup(quiet_if_done: bool) -> Result<()> {
+    let miss = missing();
+    if miss.is_empty() {
+        if !quiet_if_done {
+            step("setup: every system package is already installed");
+        }
+    } else {
+        let cmd = format!("apt-get update && apt-get install -y --no-install-recommends {}", miss.join(" "));
+        if !is_root() || !have("apt-get") {
+            bail!("missing system packages: {}. Install them (as root on Debian/Ubuntu) with:\n    {cmd}", miss.join(" "));
+        }
+        step(&format!("setup: installing {}", miss.join(" ")));
+        util::run(Command::new("apt-get").args(["update", "-q"]))?;
+        util::run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&miss))?;
+    }
+    // The musl target gives a static binary that runs on glibc and musl
+    // systems; without it `dist` falls back to gnu + crt-static.
+    let targets = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    if let Ok(o) = targets {
+        if !String::from_utf8_lossy(&o.stdout).contains("x86_64-unknown-linux-musl") {
+            step("setup: adding the x86_64-unknown-linux-musl Rust target");
+            if let Err(e) = util::run(Command::new("rustup").args(["target", "add", "x86_64-unknown-linux-musl"])) {
+                eprintln!("    warning: {e:#}; builds fall back to x86_64-unknown-linux-gnu with crt-static");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("cargo xtask setup\n\nInstall the system packages (apt-get, as root) and the musl Rust target that\nthe test, demo, bench and dist tasks need. Prints the command when not root.");
+        return Ok(());
+    }
+    run_setup(false)
+}
