@@ -133,7 +133,10 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
         Some(s) if s.is_empty() => None,
         Some(s) => {
             if !s.starts_with("https://") {
-                bail!("server_url {s:?} in {} must start with https:// (TLS verification is always on)", path.display());
+                bail!(
+                    "server_url {s:?} in {} must start with https:// (TLS verification is always on)",
+                    path.display()
+                );
             }
             Some(s)
         }
@@ -147,7 +150,8 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
         ClientCertSpec::Pair(c, k) => (c, k),
         ClientCertSpec::Combined(p) => (p.clone(), p),
     });
-    let allowed = raw.allowed_operations.unwrap_or_else(|| crate::jobs::OPERATIONS.iter().map(|s| s.to_string()).collect());
+    let allowed =
+        raw.allowed_operations.unwrap_or_else(|| crate::jobs::OPERATIONS.iter().map(|s| s.to_string()).collect());
     for op in &allowed {
         if !crate::jobs::OPERATIONS.contains(&op.as_str()) {
             warnings.push(format!(

@@ -41,14 +41,19 @@ pub fn run_setup(quiet_if_done: bool) -> Result<()> {
     } else {
         let cmd = format!("apt-get update && apt-get install -y --no-install-recommends {}", miss.join(" "));
         if !is_root() || !have("apt-get") {
-            bail!("missing system packages: {}. Install them (as root on Debian/Ubuntu) with:\n    {cmd}", miss.join(" "));
+            bail!(
+                "missing system packages: {}. Install them (as root on Debian/Ubuntu) with:\n    {cmd}",
+                miss.join(" ")
+            );
         }
         step(&format!("setup: installing {}", miss.join(" ")));
         util::run(Command::new("apt-get").args(["update", "-q"]))?;
-        util::run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&miss))?;
+        util::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&miss),
+        )?;
     }
     // The musl target gives a static binary that runs on glibc and musl
     // systems; without it `dist` falls back to gnu + crt-static.

@@ -25,7 +25,15 @@ pub fn run(args: &[String]) -> Result<()> {
 
     if is_root() {
         step("root tier: loop devices (XCP_TEST_ROOT=1)");
-        util::run(cargo().env("XCP_TEST_ROOT", "1").args(["test", "-p", "vm-tests", "--test", "disk", "--", "--test-threads=1"]))?;
+        util::run(cargo().env("XCP_TEST_ROOT", "1").args([
+            "test",
+            "-p",
+            "vm-tests",
+            "--test",
+            "disk",
+            "--",
+            "--test-threads=1",
+        ]))?;
     } else if in_ci() {
         bail!("the root-only loop-device tier cannot run: not root, and CI=true forbids skipping it");
     } else {

@@ -50,7 +50,11 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 }
 
 pub fn have(prog: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {prog} >/dev/null 2>&1")]).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {prog} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 pub fn cargo() -> Command {

@@ -140,7 +140,11 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
     let started = std::time::Instant::now();
     let started_at = now_unix();
     let mut r = if !OPERATIONS.contains(&job.operation.as_str()) {
-        JobResult::refused(format!("unknown operation {:?}; this agent offers {}", job.operation, OPERATIONS.join(", ")))
+        JobResult::refused(format!(
+            "unknown operation {:?}; this agent offers {}",
+            job.operation,
+            OPERATIONS.join(", ")
+        ))
     } else if !allowed.iter().any(|a| a == &job.operation) {
         JobResult::refused(format!(
             "operation {} is not in allowed_operations ({}) of this agent's config",
