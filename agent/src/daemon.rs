@@ -1,1 +1,424 @@
-//! TODO
+//! The check-in loop: `run` (the daemon) and `once`.
+//!
+//! One cycle: deliver spooled results, check in (long-poll), run the jobs
+//! that arrived one after another, deliver their results. Between cycles the
+//! loop waits for the rest of `check_in_interval` (not at all when the
+//! server held the request, or when jobs arrived), or for the backoff delay
+//! after an error. State changes (server unreachable, back again) are logged
+//! once, not on every retry.
+//!
+//! Shutdown: a signal thread handles SIGTERM/SIGINT/SIGHUP (blocked in every
+//! other thread). On TERM it exits at once when no job runs; otherwise it
+//! cancels the job (RunScript stops its process group and answers
+//! `interrupted`) and exits within 10 s at the latest. Everything on disk is
+//! written atomically, so exiting at any point loses nothing: a job cut off
+//! leaves its running marker and is reported `interrupted` after restart.
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backoff::{first_checkin_delay, Backoff, Rng};
+use crate::client::Client;
+use crate::config::Config;
+use crate::jobs::{self, Job, JobContext, JobResult, Status};
+use crate::protocol::{CheckIn, ResultsReport, PROTOCOL_VERSION};
+use crate::state::State;
+
+/// What the status endpoint reports.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Health {
+    pub healthy: bool,
+    pub server_url: Option<String>,
+    pub last_successful_checkin: Option<u64>,
+    pub last_error: Option<String>,
+    pub pending_results: usize,
+    pub jobs_run: u64,
+}
+
+/// State shared between the loop, the signal thread and the status endpoint.
+#[derive(Default)]
+pub struct Shared {
+    pub shutdown: AtomicBool,
+    pub reload: AtomicBool,
+    pub cancel: Arc<AtomicBool>,
+    /// True while a job runs; guarded so no job starts after shutdown.
+    pub busy: Mutex<bool>,
+    pub cv: Condvar,
+    pub health: Mutex<Health>,
+}
+
+impl Shared {
+    /// Sleep up to `d`, waking early on shutdown or reload.
+    pub fn sleep(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut g = self.busy.lock().unwrap();
+        while !self.shutdown.load(Ordering::SeqCst) && !self.reload.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self.cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+}
+
+pub struct Agent {
+    pub cfg: Config,
+    client: Client,
+    pub state: State,
+    sampler: crate::metrics::Sampler,
+    pub shared: Arc<Shared>,
+    identity: crate::identity::Identity,
+}
+
+impl Agent {
+    pub fn new(cfg: Config, shared: Arc<Shared>) -> Result<Agent> {
+        let client = Client::new(&cfg)?;
+        let state = State::open(&cfg.state_dir)?;
+        let identity = crate::identity::current();
+        for w in &identity.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(Agent { cfg, client, state, sampler: Default::default(), shared, identity })
+    }
+
+    fn checkin_message(&mut self, wait_seconds: u64) -> CheckIn {
+        CheckIn {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: crate::VERSION.to_string(),
+            vm_uuid: self.identity.vm_uuid.clone(),
+            identity: serde_json::to_value(&self.identity).unwrap_or(Value::Null),
+            capabilities: self.cfg.allowed_operations.clone(),
+            metrics: serde_json::to_value(self.sampler.sample()).unwrap_or(Value::Null),
+            network: serde_json::to_value(crate::metrics::network()).unwrap_or(Value::Null),
+            inventory: Value::Null,
+            wait_seconds,
+            pending_results: self.state.pending_count() as u64,
+        }
+    }
+
+    /// Send every spooled result; drop those the server acknowledged.
+    pub fn deliver_results(&mut self) -> Result<usize> {
+        let pending = self.state.pending();
+        let mut delivered = 0;
+        for batch in pending.chunks(16) {
+            let report = ResultsReport { vm_uuid: self.identity.vm_uuid.clone(), results: batch.to_vec() };
+            let ack = self.client.send_results(&report).context("delivering job results")?;
+            let ours: Vec<String> =
+                ack.acknowledged.into_iter().filter(|id| batch.iter().any(|r| &r.job_id == id)).collect();
+            delivered += ours.len();
+            self.state.acknowledge(&ours)?;
+            if ours.len() < batch.len() {
+                bail!("the server acknowledged {} of {} results; the rest stay in the spool", ours.len(), batch.len());
+            }
+        }
+        if delivered > 0 {
+            tracing::info!(delivered, "job results delivered");
+        }
+        Ok(delivered)
+    }
+
+    /// Tell the server a job started (best effort; not spooled).
+    fn report_running(&self, job: &Job) {
+        let mut r = JobResult::new(Status::Running, "job started");
+        r.job_id = job.id.clone();
+        r.operation = job.operation.clone();
+        r.started_at = jobs::now_unix();
+        let report = ResultsReport { vm_uuid: self.identity.vm_uuid.clone(), results: vec![r] };
+        if let Err(e) = self.client.send_results(&report) {
+            tracing::debug!(job = %job.id, "could not report running: {e:#}");
+        }
+    }
+
+    /// Turn one raw job from the server into a spooled result.
+    fn handle(&mut self, raw: Value) -> Result<()> {
+        let job: Job = match serde_json::from_value::<Job>(raw.clone()) {
+            Ok(j) => j,
+            Err(e) => {
+                let id = raw.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+                if id.is_empty() || id.len() > 256 {
+                    tracing::error!(
+                        "server sent a job without a usable id, ignored: {e}; job: {}",
+                        trunc(&raw.to_string())
+                    );
+                    return Ok(());
+                }
+                if self.state.is_seen(&id) {
+                    return Ok(());
+                }
+                tracing::error!(job = %id, "malformed job refused: {e}");
+                let j = Job {
+                    id: id.clone(),
+                    operation: raw["operation"].as_str().unwrap_or("").into(),
+                    params: Value::Null,
+                };
+                self.state.begin(&j)?;
+                let mut r = JobResult::refused(format!("malformed job: {e}"));
+                r.job_id = id;
+                r.operation = j.operation;
+                r.finished_at = jobs::now_unix();
+                return self.state.finish(&r);
+            }
+        };
+        if job.id.is_empty() || job.id.len() > 256 {
+            tracing::error!("server sent a job with an empty or over-long id, ignored");
+            return Ok(());
+        }
+        if self.state.is_seen(&job.id) {
+            tracing::info!(job = %job.id, "job delivered again; it already ran here, not running it twice");
+            return Ok(());
+        }
+        {
+            let mut busy = self.shared.busy.lock().unwrap();
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            *busy = true;
+        }
+        struct NotBusy<'a>(&'a Shared);
+        impl Drop for NotBusy<'_> {
+            fn drop(&mut self) {
+                *self.0.busy.lock().unwrap() = false;
+                self.0.cv.notify_all();
+            }
+        }
+        let _guard = NotBusy(&self.shared);
+        self.state.begin(&job).with_context(|| format!("cannot record the start of job {}", job.id))?;
+        tracing::info!(job = %job.id, operation = %job.operation, "job started");
+        self.report_running(&job);
+        let mut ctx = JobContext::new(self.cfg.state_dir.clone(), self.cfg.fstab_path.clone(), false);
+        ctx.cancel = self.shared.cancel.clone();
+        let r = jobs::execute(&ctx, &job, &self.cfg.allowed_operations);
+        tracing::info!(job = %job.id, status = r.status.as_str(), "job finished: {}", r.message);
+        self.state.finish(&r)?;
+        self.shared.health.lock().unwrap().jobs_run += 1;
+        Ok(())
+    }
+
+    /// One cycle. Returns how many jobs arrived.
+    pub fn cycle(&mut self, wait_seconds: u64) -> Result<usize> {
+        if self.state.pending_count() > 0 {
+            self.deliver_results()?;
+        }
+        let msg = self.checkin_message(wait_seconds);
+        let jobs = self.client.checkin(&msg)?;
+        self.mark_success();
+        let n = jobs.len();
+        for raw in jobs {
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                break;
+            }
+            self.handle(raw)?;
+        }
+        if n > 0 {
+            self.deliver_results()?;
+        }
+        Ok(n)
+    }
+
+    fn mark_success(&self) {
+        let mut h = self.shared.health.lock().unwrap();
+        h.healthy = true;
+        h.last_successful_checkin = Some(jobs::now_unix());
+        h.last_error = None;
+    }
+
+    fn update_health(&self, err: Option<&anyhow::Error>) {
+        let mut h = self.shared.health.lock().unwrap();
+        h.pending_results = self.state.pending_count();
+        h.server_url = self.cfg.server_url.clone();
+        if let Some(e) = err {
+            h.healthy = false;
+            h.last_error = Some(format!("{e:#}"));
+        }
+    }
+}
+
+fn trunc(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// `xcp-vm-agent once`: one check-in, run what arrived, deliver, exit.
+pub fn once(cfg: Config) -> Result<()> {
+    let shared = Arc::new(Shared::default());
+    let mut agent = Agent::new(cfg, shared)?;
+    let recovered = agent.state.recover_interrupted()?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "jobs cut off by an earlier stop will be reported as interrupted");
+    }
+    let n = agent.cycle(0).context("check-in failed")?;
+    let left = agent.state.pending_count();
+    if left > 0 {
+        bail!("{left} job result(s) could not be delivered and stay in the spool");
+    }
+    tracing::info!(jobs = n, "check-in complete");
+    Ok(())
+}
+
+/// Block the signals the signal thread handles, in this thread and so in
+/// every thread spawned after it.
+fn signal_set() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut s = SigSet::empty();
+    s.add(Signal::SIGTERM);
+    s.add(Signal::SIGINT);
+    s.add(Signal::SIGHUP);
+    s
+}
+
+fn spawn_signal_thread(shared: Arc<Shared>) -> Result<()> {
+    use nix::sys::signal::Signal;
+    let set = signal_set();
+    set.thread_block().context("cannot block signals")?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let Ok(sig) = set.wait() else { continue };
+        match sig {
+            Signal::SIGHUP => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                shared.reload.store(true, Ordering::SeqCst);
+                shared.cv.notify_all();
+            }
+            _ => {
+                tracing::info!("{sig}: shutting down");
+                shared.shutdown.store(true, Ordering::SeqCst);
+                shared.cancel.store(true, Ordering::SeqCst);
+                shared.cv.notify_all();
+                let deadline = Instant::now() + Duration::from_secs(9);
+                let mut busy = shared.busy.lock().unwrap();
+                while *busy && Instant::now() < deadline {
+                    busy = shared.cv.wait_timeout(busy, deadline - Instant::now()).unwrap().0;
+                }
+                if *busy {
+                    tracing::warn!(
+                        "the running job did not stop in time; it will be reported as interrupted after restart"
+                    );
+                }
+                std::process::exit(0);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// `xcp-vm-agent run`: the daemon. Returns only on a fatal start-up error.
+pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
+    let shared = Arc::new(Shared::default());
+    spawn_signal_thread(shared.clone())?;
+    if let Some(addr) = cfg.status_listen {
+        crate::status::spawn(addr, shared.clone())?;
+    }
+    let mut rng = Rng::from_entropy();
+    // No server yet (fresh package install): say once what to configure and
+    // wait for SIGHUP instead of exiting, so the service does not crash-loop.
+    while cfg.server_url.is_none() {
+        let e = cfg.require_server().unwrap_err();
+        tracing::error!("{e}; then run: systemctl reload xcp-vm-agent (or send SIGHUP)");
+        shared.health.lock().unwrap().last_error = Some(e.to_string());
+        while !shared.reload.swap(false, Ordering::SeqCst) {
+            shared.sleep(Duration::from_secs(3600));
+        }
+        match crate::config::load(config_path) {
+            Ok(c) => cfg = c,
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+    let mut agent = loop {
+        match Agent::new(cfg.clone(), shared.clone()) {
+            Ok(a) => break a,
+            Err(e) => {
+                // Bad certificate paths and the like: say so, retry slowly
+                // (the administrator may be fixing it), never crash-loop.
+                tracing::error!("cannot start: {e:#}");
+                shared.health.lock().unwrap().last_error = Some(format!("{e:#}"));
+                shared.sleep(Duration::from_secs(60));
+                if shared.reload.swap(false, Ordering::SeqCst) {
+                    if let Ok(c) = crate::config::load(config_path) {
+                        cfg = c;
+                    }
+                }
+            }
+        }
+    };
+    let recovered = agent.state.recover_interrupted()?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "jobs cut off by an earlier stop will be reported as interrupted");
+    }
+    tracing::info!(
+        server = agent.cfg.server_url.as_deref().unwrap_or(""),
+        vm_uuid = %agent.identity.vm_uuid,
+        source = %agent.identity.source,
+        "xcp-vm-agent {} started",
+        crate::VERSION
+    );
+    shared.sleep(first_checkin_delay(agent.cfg.check_in_interval, &mut rng));
+    let mut backoff = Backoff::agent_default();
+    let mut reachable: Option<bool> = None;
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        if shared.reload.swap(false, Ordering::SeqCst) {
+            match crate::config::load(config_path).and_then(|c| Agent::new(c, shared.clone()).map_err(Into::into)) {
+                Ok(a) => {
+                    drop(std::mem::replace(&mut agent, a));
+                    tracing::info!("configuration reloaded");
+                }
+                Err(e) => tracing::error!("reload failed, keeping the running configuration: {e:#}"),
+            }
+        }
+        let started = Instant::now();
+        let wait = agent.cfg.long_poll_seconds;
+        let r = agent.cycle(wait);
+        agent.update_health(r.as_ref().err());
+        let delay = match r {
+            Ok(n) => {
+                backoff.reset();
+                if reachable == Some(false) {
+                    tracing::info!("server reachable again");
+                }
+                reachable = Some(true);
+                if n > 0 {
+                    Duration::ZERO
+                } else {
+                    agent.cfg.check_in_interval.saturating_sub(started.elapsed())
+                }
+            }
+            Err(e) => {
+                let d = backoff.next_delay(&mut rng);
+                if reachable != Some(false) {
+                    tracing::warn!("server unreachable: {e:#}; retrying with backoff (up to 5 min)");
+                } else {
+                    tracing::debug!("still unreachable: {e:#}; next try in {d:?}");
+                }
+                reachable = Some(false);
+                d
+            }
+        };
+        shared.sleep(delay);
+    }
+    Ok(())
+}
+
+/// Run one job from a file, with no server (`xcp-vm-agent exec`).
+pub fn exec_job(
+    cfg: &Config,
+    job_text: &str,
+    source: &str,
+    dry_run: bool,
+    fstab: Option<&std::path::Path>,
+) -> JobResult {
+    let job: Job = match serde_json::from_str(job_text) {
+        Ok(j) => j,
+        Err(e) => {
+            let mut r = JobResult::refused(format!(
+                "invalid job file {source} at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ));
+            r.details = json!({});
+            return r;
+        }
+    };
+    let fstab = fstab.map(|p| p.to_path_buf()).unwrap_or_else(|| cfg.fstab_path.clone());
+    let ctx = JobContext::new(cfg.state_dir.clone(), fstab, dry_run);
+    jobs::execute(&ctx, &job, &cfg.allowed_operations)
+}

@@ -1,1 +1,354 @@
-//! TODO
+//! The agent's durable state in `state_dir` (default `/var/lib/xcp-vm-agent`):
+//!
+//! - `agent.lock`: flock held by the one agent process using this directory;
+//! - `seen-jobs`: ids of jobs already started, newest last, bounded to
+//!   [`SEEN_LIMIT`], so a job delivered twice runs at most once, across restarts;
+//! - `running/<id>.json`: a marker written (and fsynced) before a job starts
+//!   and removed once its result is spooled; a marker found at start-up means
+//!   the agent died mid-job, and becomes an `interrupted` result;
+//! - `spool/<id>.json`: results not yet acknowledged by the server;
+//! - `scripts/`: private (0700) files for RunScript.
+//!
+//! Every file is written to a temporary name, fsynced, renamed and the
+//! directory fsynced, so a crash leaves the old or the new file, never half.
+use anyhow::{bail, Context, Result};
+use std::collections::{HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::jobs::{Job, JobResult, Status};
+
+/// How many job ids are remembered for deduplication.
+pub const SEEN_LIMIT: usize = 1000;
+
+pub struct State {
+    dir: PathBuf,
+    seen: VecDeque<String>,
+    seen_set: HashSet<String>,
+    seen_lines_on_disk: usize,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// A file name for a job id: the id itself when it is plain, else hex.
+pub fn file_stem(id: &str) -> String {
+    if !id.is_empty()
+        && id.len() <= 100
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !id.starts_with('.')
+    {
+        id.to_string()
+    } else {
+        let hex: String = id.bytes().take(100).map(|b| format!("{b:02x}")).collect();
+        format!("x{hex}")
+    }
+}
+
+fn mkdir_private(p: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .with_context(|| format!("cannot create directory {}", p.display()))
+}
+
+fn fsync_dir(p: &Path) -> Result<()> {
+    File::open(p).and_then(|f| f.sync_all()).with_context(|| format!("cannot fsync directory {}", p.display()))
+}
+
+/// Write `data` to `path` atomically with mode 0600.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    fsync_dir(dir)
+}
+
+impl State {
+    /// Open (creating as needed) the state directory and take its lock.
+    pub fn open(dir: &Path) -> Result<State> {
+        for sub in ["", "spool", "running", "scripts"] {
+            mkdir_private(&dir.join(sub))?;
+        }
+        let lock_path = dir.join("agent.lock");
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, e)) => bail!(
+                "another xcp-vm-agent process is using state directory {} ({e}); stop it first (for example: \
+                 systemctl stop xcp-vm-agent)",
+                dir.display()
+            ),
+        };
+        let mut s = State {
+            dir: dir.to_path_buf(),
+            seen: VecDeque::new(),
+            seen_set: HashSet::new(),
+            seen_lines_on_disk: 0,
+            _lock: lock,
+        };
+        s.load_seen()?;
+        Ok(s)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn scripts_dir(&self) -> PathBuf {
+        self.dir.join("scripts")
+    }
+
+    fn load_seen(&mut self) -> Result<()> {
+        let p = self.dir.join("seen-jobs");
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
+        };
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            self.seen_lines_on_disk += 1;
+            self.remember(line.to_string());
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, id: String) {
+        if self.seen_set.insert(id.clone()) {
+            self.seen.push_back(id);
+            while self.seen.len() > SEEN_LIMIT {
+                if let Some(old) = self.seen.pop_front() {
+                    self.seen_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn is_seen(&self, id: &str) -> bool {
+        self.seen_set.contains(id)
+    }
+
+    /// Record that a job is starting: remember its id (durably) and write
+    /// its running marker. Called before the job does anything.
+    pub fn begin(&mut self, job: &Job) -> Result<()> {
+        // Marker first: a stop between the two writes leaves a marker, which
+        // becomes an `interrupted` result, never a job silently dropped.
+        let stem = file_stem(&job.id);
+        write_atomic(&self.dir.join("running").join(format!("{stem}.json")), &serde_json::to_vec(job)?)?;
+        self.record_seen(&job.id)
+    }
+
+    fn record_seen(&mut self, id: &str) -> Result<()> {
+        if self.is_seen(id) {
+            return Ok(());
+        }
+        self.remember(id.to_string());
+        let p = self.dir.join("seen-jobs");
+        if self.seen_lines_on_disk >= 2 * SEEN_LIMIT {
+            let text: String = self.seen.iter().map(|s| format!("{}\n", s.replace('\n', " "))).collect();
+            write_atomic(&p, text.as_bytes())?;
+            self.seen_lines_on_disk = self.seen.len();
+        } else {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&p)
+                .with_context(|| format!("cannot open {}", p.display()))?;
+            writeln!(f, "{}", id.replace('\n', " "))
+                .and_then(|_| f.sync_all())
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            self.seen_lines_on_disk += 1;
+        }
+        Ok(())
+    }
+
+    /// Put a result in the spool (durably), then drop the job's running marker.
+    pub fn finish(&mut self, result: &JobResult) -> Result<()> {
+        let stem = file_stem(&result.job_id);
+        write_atomic(&self.dir.join("spool").join(format!("{stem}.json")), &serde_json::to_vec(result)?)?;
+        match fs::remove_file(self.dir.join("running").join(format!("{stem}.json"))) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Turn the running markers of a previous life into `interrupted` results.
+    /// Returns how many there were.
+    pub fn recover_interrupted(&mut self) -> Result<usize> {
+        let dir = self.dir.join("running");
+        let mut n = 0;
+        for e in fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".json") || name.starts_with('.') {
+                continue;
+            }
+            let job: Option<Job> = fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let (id, op) = match job {
+                Some(j) => (j.id, j.operation),
+                None => (name.trim_end_matches(".json").to_string(), String::new()),
+            };
+            let mut r = JobResult::new(
+                Status::Interrupted,
+                "the agent stopped while this job was running (killed, crashed or the machine rebooted); it was not \
+                 run again",
+            );
+            r.job_id = id;
+            r.operation = op;
+            r.finished_at = crate::jobs::now_unix();
+            self.record_seen(&r.job_id)?;
+            tracing::warn!(job = %r.job_id, "job was interrupted by an agent stop; reporting it as interrupted");
+            self.finish(&r)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Results waiting for acknowledgement, oldest first.
+    pub fn pending(&self) -> Vec<JobResult> {
+        let dir = self.dir.join("spool");
+        let mut v: Vec<(std::time::SystemTime, JobResult)> = Vec::new();
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".json") || name.starts_with('.') {
+                    continue;
+                }
+                match fs::read(e.path())
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| Ok(serde_json::from_slice::<JobResult>(&b)?))
+                {
+                    Ok(r) => v.push((e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), r)),
+                    Err(err) => {
+                        tracing::error!(file = %e.path().display(), "unreadable spooled result kept aside: {err:#}")
+                    }
+                }
+            }
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.job_id.cmp(&b.1.job_id)));
+        v.into_iter().map(|(_, r)| r).collect()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        fs::read_dir(self.dir.join("spool"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        e.file_name().to_string_lossy().ends_with(".json")
+                            && !e.file_name().to_string_lossy().starts_with('.')
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Drop acknowledged results from the spool.
+    pub fn acknowledge(&mut self, ids: &[String]) -> Result<()> {
+        for id in ids {
+            let p = self.dir.join("spool").join(format!("{}.json", file_stem(id)));
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
+            }
+        }
+        if !ids.is_empty() {
+            fsync_dir(&self.dir.join("spool"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> Job {
+        Job { id: id.into(), operation: "RunScript".into(), params: serde_json::json!({}) }
+    }
+
+    #[test]
+    fn seen_survives_reopen_and_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut s = State::open(d.path()).unwrap();
+            for i in 0..(SEEN_LIMIT + 50) {
+                s.begin(&job(&format!("j{i}"))).unwrap();
+                let mut r = JobResult::succeeded("ok");
+                r.job_id = format!("j{i}");
+                s.finish(&r).unwrap();
+            }
+            assert!(s.is_seen("j1049"));
+            assert!(!s.is_seen("j0"), "oldest ids are forgotten past the limit");
+        }
+        let s = State::open(d.path()).unwrap();
+        assert!(s.is_seen("j1049") && s.is_seen("j50") && !s.is_seen("j49"));
+        let lines = fs::read_to_string(d.path().join("seen-jobs")).unwrap().lines().count();
+        assert!(lines <= 2 * SEEN_LIMIT, "{lines}");
+    }
+
+    #[test]
+    fn spool_until_acknowledged() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        s.begin(&job("a/b")).unwrap();
+        let mut r = JobResult::failed("x");
+        r.job_id = "a/b".into();
+        s.finish(&r).unwrap();
+        drop(s);
+        let mut s = State::open(d.path()).unwrap();
+        assert_eq!(s.pending().len(), 1);
+        assert_eq!(s.pending()[0].job_id, "a/b");
+        s.acknowledge(&["a/b".into()]).unwrap();
+        assert_eq!(s.pending_count(), 0);
+    }
+
+    #[test]
+    fn running_marker_becomes_interrupted() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut s = State::open(d.path()).unwrap();
+            s.begin(&job("k1")).unwrap();
+        }
+        let mut s = State::open(d.path()).unwrap();
+        assert_eq!(s.recover_interrupted().unwrap(), 1);
+        let p = s.pending();
+        assert_eq!(p[0].status, Status::Interrupted);
+        assert_eq!(p[0].operation, "RunScript");
+        assert_eq!(s.recover_interrupted().unwrap(), 0);
+    }
+
+    #[test]
+    fn second_process_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let _a = State::open(d.path()).unwrap();
+        let e = State::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("another xcp-vm-agent"), "{e}");
+    }
+
+    #[test]
+    fn odd_ids_get_safe_file_names() {
+        assert_eq!(file_stem("abc-1"), "abc-1");
+        assert_eq!(file_stem("../x"), "x2e2e2f78");
+        assert_ne!(file_stem(""), "");
+    }
+}

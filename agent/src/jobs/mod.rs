@@ -115,11 +115,20 @@ pub struct JobContext {
     pub runner: Runner,
     /// Where xenstore lives, for `{"xen_vbd": N}` targets (None: autodetect).
     pub xenstore_path: Option<PathBuf>,
+    /// Set when the agent is shutting down: long jobs (RunScript) stop and
+    /// answer `interrupted`.
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl JobContext {
     pub fn new(state_dir: PathBuf, fstab_path: PathBuf, dry_run: bool) -> Self {
-        JobContext { state_dir, fstab_path, runner: Runner::new(dry_run), xenstore_path: None }
+        JobContext {
+            state_dir,
+            fstab_path,
+            runner: Runner::new(dry_run),
+            xenstore_path: None,
+            cancel: Default::default(),
+        }
     }
 }
 
