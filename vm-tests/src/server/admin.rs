@@ -1,0 +1,106 @@
+//! The admin API (plain HTTP, loopback only): queue jobs, read jobs, results
+//! and agents. Documented in docs/protocol.md, "Admin API"; bodies have
+//! schemas in docs/schemas/admin-*.json.
+//!
+//! - `POST /admin/v1/jobs` `{"vm_uuid","operation","params"}` -> `{"id"}`
+//! - `GET /admin/v1/jobs?vm_uuid=U` -> `{"jobs": [job...]}`
+//! - `GET /admin/v1/jobs/{id}[?wait=S&until=STATE]` -> job (waits up to S
+//!   seconds for the job to reach STATE, default: any final state)
+//! - `POST /admin/v1/jobs/{id}/redeliver` -> job (deliver it once more)
+//! - `GET /admin/v1/results/{job_id}` -> every result received for that id
+//! - `GET /admin/v1/agents` -> `{"agents": [agent...]}`
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+use super::api::parse_body;
+use super::http::{Request, Response};
+use super::store::{JobState, Store};
+
+/// Longest an admin `?wait=` may hold.
+const MAX_ADMIN_WAIT: u64 = 600;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    pub vm_uuid: String,
+    pub operation: String,
+    #[serde(default)]
+    pub params: Value,
+}
+
+pub fn route(store: &Store, req: &Request) -> (Response, Option<String>) {
+    let path = req.path.trim_end_matches('/');
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    let m = req.method.as_str();
+    let r = match parts.as_slice() {
+        ["admin", "v1", "jobs"] => match m {
+            "POST" => create(store, req),
+            "GET" => Response::ok(&json!({ "jobs": store.jobs(req.query_param("vm_uuid").as_deref()) })),
+            _ => method(req, "GET, POST"),
+        },
+        ["admin", "v1", "jobs", id] => match m {
+            "GET" => get_job(store, req, id),
+            _ => method(req, "GET"),
+        },
+        ["admin", "v1", "jobs", id, "redeliver"] => match m {
+            "POST" => match store.redeliver(id) {
+                Ok(j) => Response::ok(&j),
+                Err(e) => Response::error(404, format!("{e:#}")),
+            },
+            _ => method(req, "POST"),
+        },
+        ["admin", "v1", "results", id] => match m {
+            "GET" => match store.results(id) {
+                Some(l) => Response::ok(&l),
+                None => Response::error(404, format!("no result received for job id {id:?}")),
+            },
+            _ => method(req, "GET"),
+        },
+        ["admin", "v1", "agents"] => match m {
+            "GET" => Response::ok(&json!({ "agents": store.agents() })),
+            _ => method(req, "GET"),
+        },
+        _ => Response::error(404, format!("no such path {:?}", req.path)),
+    };
+    let note = if r.status >= 400 {
+        serde_json::from_slice::<Value>(&r.body).ok().map(|v| v["error"].to_string())
+    } else {
+        None
+    };
+    (r, note)
+}
+
+fn method(req: &Request, allowed: &str) -> Response {
+    Response::error(405, format!("method {} not allowed on {}; use {allowed}", req.method, req.path))
+}
+
+fn create(store: &Store, req: &Request) -> Response {
+    let nj: NewJob = match parse_body("invalid job", &req.body) {
+        Ok(j) => j,
+        Err(e) => return Response::error(400, e),
+    };
+    match store.create_job(&nj.vm_uuid, &nj.operation, nj.params) {
+        Ok(j) => Response::ok(&json!({ "id": j.id })),
+        Err(e) => Response::error(400, format!("invalid job: {e:#}")),
+    }
+}
+
+fn get_job(store: &Store, req: &Request, id: &str) -> Response {
+    let wait = match req.query_param("wait").map(|w| w.parse::<u64>()) {
+        None => 0,
+        Some(Ok(w)) => w.min(MAX_ADMIN_WAIT),
+        Some(Err(_)) => return Response::error(400, "wait must be a whole number of seconds"),
+    };
+    let until = match req.query_param("until") {
+        None => JobState::Succeeded,
+        Some(s) => match JobState::parse(&s) {
+            Some(st) => st,
+            None => return Response::error(400, format!("unknown state {s:?} in until")),
+        },
+    };
+    match store.wait_job(id, until, Duration::from_secs(wait)) {
+        Some(j) => Response::ok(&j),
+        None => Response::error(404, format!("no job with id {id:?}")),
+    }
+}
