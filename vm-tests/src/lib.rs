@@ -5,6 +5,8 @@
 //!   server binaries (scratch dirs, PKI, configs, admin client, a fake
 //!   HTTPS responder), used by `tests/*.rs`.
 //! - [`schema`]: a small JSON Schema checker for the schemas in `docs/schemas`.
+//! - [`xenstored`]: a test xenstored on a unix socket (`test-xenstored` binary).
 pub mod harness;
 pub mod schema;
 pub mod server;
+pub mod xenstored;
