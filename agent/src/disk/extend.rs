@@ -1,5 +1,348 @@
-//! ExtendPartition (placeholder until the disk issue lands).
-use crate::jobs::{JobContext, JobResult};
-pub fn run(_ctx: &JobContext, _params: &serde_json::Value) -> JobResult {
-    JobResult::failed("ExtendPartition is not implemented yet")
+//! ExtendPartition: grow a partition into the space after it, then its
+//! filesystem (ext2/3/4, XFS) or LVM physical volume (and optionally one
+//! logical volume and its filesystem).
+//!
+//! Order: resolve the target through sysfs; probe what is on it and refuse
+//! what cannot be grown (LUKS, unknown) before touching anything; lock the
+//! disk; read the table, refuse a partition in the way; growpart (NOCHANGE
+//! is fine); tell the kernel about this one partition (`partx --update
+//! --nr`, BLKPG, never a whole-table re-read) and check sysfs sees it; then
+//! always the filesystem step, so a run killed between the two steps
+//! finishes on the rerun. Every step is a failpoint in test builds.
+use super::fs::{self, Growth};
+use super::lock;
+use super::mount::{self, Mount};
+use super::sysfs::{wait_until, Block, Sys};
+use super::table;
+use super::target::{resolve_target, Target};
+use crate::failpoint;
+use crate::jobs::{parse_params, JobContext, JobResult};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    mount_point: Option<String>,
+    device: Option<String>,
+    partition: Option<u32>,
+    xen_vbd: Option<u32>,
+    serial: Option<String>,
+    /// `vg/lv`: also extend this logical volume and its filesystem.
+    logical_volume: Option<String>,
+}
+
+pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
+    let p: Params = match parse_params("ExtendPartition", params) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let target =
+        match Target::from_fields(p.mount_point.clone(), p.device.clone(), p.partition, p.xen_vbd, p.serial.clone()) {
+            Ok(t) => t,
+            Err(e) => return JobResult::refused(format!("invalid parameters for ExtendPartition: {e}")),
+        };
+    let mut details = Map::new();
+    match extend(ctx, &p, &target, &mut details) {
+        Ok(r) => r.with_details(Value::Object(details)),
+        Err(e) => JobResult::failed(format!("{e:#}")).with_details(Value::Object(details)),
+    }
+}
+
+fn mount_of(mounts: &[Mount], b: &Block) -> Option<String> {
+    mounts.iter().find(|m| m.devnum == b.devnum).map(|m| m.mount_point.clone())
+}
+
+fn s(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn valid_lv(lv: &str) -> Option<(&str, &str)> {
+    let (vg, l) = lv.split_once('/')?;
+    let ok = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
+    (ok(vg) && ok(l) && !vg.starts_with('-') && !l.starts_with('-')).then_some((vg, l))
+}
+
+fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Value>) -> Result<JobResult> {
+    let r = &ctx.runner;
+    let sys = Sys::default();
+    let stale = mount::clean_stale_temp_mounts(r, &ctx.state_dir)?;
+    if !stale.is_empty() {
+        d.insert("stale_temp_mounts_removed".into(), json!(stale));
+    }
+    let mounts = mount::mounts()?;
+    let part = match resolve_target(&sys, &mounts, target) {
+        Ok(b) => b,
+        Err(e) => return Ok(JobResult::refused(format!("{e:#}"))),
+    };
+    let disk = sys.block(&part.disk)?;
+    let lbs = disk.logical_block_size;
+    let disk_node = s(&disk.node);
+    let part_node = s(&part.node);
+    d.insert("device".into(), json!(part_node));
+    d.insert("disk".into(), json!(disk_node));
+    d.insert("disk_bytes".into(), json!(disk.size_bytes));
+    d.insert("logical_sector_size".into(), json!(lbs));
+    d.insert("partition_bytes_before".into(), json!(part.size_bytes));
+
+    // What is on it decides whether we may touch anything at all.
+    let probe = fs::probe(r, &part_node)?;
+    let fstype = match (&probe.fstype, probe.ambivalent) {
+        (_, true) => return Ok(JobResult::refused(format!("{part_node}: {}", probe.describe()))),
+        (None, _) => {
+            return Ok(JobResult::refused(format!(
+                "{part_node} holds no filesystem or LVM physical volume that blkid recognises; nothing to grow"
+            )))
+        }
+        (Some(t), _) => t.clone(),
+    };
+    d.insert("filesystem".into(), json!(fstype));
+    match fstype.as_str() {
+        "ext2" | "ext3" | "ext4" | "xfs" | "LVM2_member" => {}
+        "crypto_LUKS" => {
+            return Ok(JobResult::refused(format!(
+                "{part_node} is a LUKS container: growing it needs `cryptsetup resize` with its key, which this \
+                 agent is not given; nothing was changed"
+            )))
+        }
+        other => {
+            return Ok(JobResult::refused(format!(
+                "{part_node} holds {other}, which this agent cannot grow (ext2, ext3, ext4, xfs and LVM physical \
+                 volumes only); nothing was changed"
+            )))
+        }
+    }
+    let lv = match &p.logical_volume {
+        None => None,
+        Some(_) if fstype != "LVM2_member" => {
+            return Ok(JobResult::refused(format!(
+                "logical_volume given, but {part_node} holds {fstype}, not an LVM physical volume"
+            )))
+        }
+        Some(lv) => match valid_lv(lv) {
+            Some(x) => Some(x),
+            None => return Ok(JobResult::refused(format!("logical_volume {lv:?} is not of the form vg/lv"))),
+        },
+    };
+    if let Some((vg, l)) = lv {
+        let o = r.probe("pvs", &["--noheadings", "-o", "vg_name", &part_node]).map_err(|e| anyhow!("{e}"))?;
+        let pv_vg = o.stdout.trim().to_string();
+        if pv_vg != vg {
+            return Ok(JobResult::refused(format!(
+                "logical volume {vg}/{l} is not in the volume group of {part_node} ({})",
+                if pv_vg.is_empty() { "none" } else { &pv_vg }
+            )));
+        }
+        let o = r.probe("lvs", &["--noheadings", "-o", "lv_name", &format!("{vg}/{l}")]).map_err(|e| anyhow!("{e}"))?;
+        if o.code != 0 {
+            return Ok(JobResult::refused(format!("no logical volume {vg}/{l}: {}", o.stderr.trim())));
+        }
+    }
+    let mp = mount_of(&mounts, &part);
+    d.insert("mount_point".into(), json!(mp));
+
+    let mut notes: Vec<String> = Vec::new();
+    let mut part_changed = false;
+    let mut target_bytes = part.size_bytes;
+    let mut assume_grows = false;
+    if let Some(n) = part.partition {
+        let mut guard = Some(lock::lock(&disk.node, Duration::from_secs(30))?);
+        failpoint::hit("extend.after_lock");
+        let tab = table::read(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} has no partition table"))?;
+        d.insert("partition_table".into(), json!(tab.label));
+        let dump = r.probe("sfdisk", &["--dump", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+        d.insert("table_before".into(), json!(dump.stdout));
+        let tp = tab
+            .partitions
+            .iter()
+            .find(|x| x.number == n)
+            .ok_or_else(|| anyhow!("partition {n} is not in the table of {disk_node}"))?
+            .clone();
+        if tab.label == "dos" && n >= 5 {
+            return Ok(JobResult::refused(format!(
+                "{part_node} is a logical partition inside an MBR extended partition; growing it is not supported"
+            )));
+        }
+        let disk_sectors = disk.size_bytes / lbs;
+        let lim = table::grow_limit(&tab, n, disk_sectors, lbs).ok_or_else(|| anyhow!("partition {n} vanished"))?;
+        d.insert("partition_growable_bytes".into(), json!(lim.growable_bytes));
+        if let Some((bn, bnode)) = &lim.blocker {
+            return Ok(JobResult::refused(format!(
+                "{part_node} cannot grow in place: partition {bn} ({bnode}) follows it directly, and the {} free \
+                 bytes are after that partition; move or remove {bnode} first. Nothing was changed",
+                lim.free_beyond_blocker
+            )));
+        }
+        if lim.growable_bytes > 0 {
+            // growpart (cloud-utils >= 0.33) takes this very lock itself:
+            // release ours for its run, or both would wait forever.
+            guard.take();
+            let out = r
+                .run("growpart", &["--update", "off", &disk_node, &n.to_string()], &[0, 1])
+                .map_err(|e| anyhow!("{e}"))?;
+            failpoint::hit("extend.after_growpart");
+            if out.code == 1 {
+                notes.push(format!("growpart: {}", out.stdout.trim()));
+            }
+            guard = Some(lock::lock(&disk.node, Duration::from_secs(30))?);
+            if r.dry_run() {
+                r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node]).map_err(|e| anyhow!("{e}"))?;
+                target_bytes = (lim.max_end - tp.start + 1) * lbs;
+                assume_grows = true;
+            }
+            if lim.mbr_capped_bytes > 0 {
+                notes.push(format!(
+                    "MBR partition table: grown to the 2 TiB limit of MBR; {} bytes past it stay unused (convert \
+                     the disk to GPT to use them)",
+                    lim.mbr_capped_bytes
+                ));
+            }
+        }
+        if !r.dry_run() {
+            // Make the kernel see this partition's size from the table (also
+            // finishes a run killed between growpart and partx).
+            let tab = table::read(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} lost its partition table"))?;
+            let want = tab.partitions.iter().find(|x| x.number == n).map(|x| x.size * lbs).unwrap_or(0);
+            if sys.block(&part.name)?.size_bytes != want {
+                r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node]).map_err(|e| anyhow!("{e}"))?;
+                failpoint::hit("extend.after_partx");
+                let ok = wait_until(Duration::from_secs(5), || {
+                    sys.block(&part.name).map(|b| b.size_bytes == want).unwrap_or(false)
+                });
+                if !ok {
+                    bail!(
+                        "the kernel still sees {part_node} as {} bytes after partx --update; the table says {want}",
+                        sys.block(&part.name)?.size_bytes
+                    );
+                }
+            }
+            target_bytes = sys.block(&part.name)?.size_bytes;
+            part_changed = target_bytes != part.size_bytes;
+        }
+        if lim.growable_bytes == 0 && !part_changed {
+            notes.insert(
+                0,
+                format!("disk has not grown (still {} bytes): {part_node} already ends where it can", disk.size_bytes),
+            );
+        }
+        drop(guard);
+    } else {
+        notes.push(format!("{part_node} is a whole disk without partitions: only the filesystem grows"));
+    }
+    d.insert("partition_bytes_after".into(), json!(target_bytes));
+
+    // The filesystem step, always.
+    let mut growths: Vec<Growth> = Vec::new();
+    if fstype == "LVM2_member" {
+        let before = fs::pv_size(r, &part_node)?;
+        r.run_ok("pvresize", &[&part_node]).map_err(|e| anyhow!("{e}"))?;
+        failpoint::hit("extend.after_pvresize");
+        let after = if r.dry_run() { before } else { fs::pv_size(r, &part_node)? };
+        growths.push(Growth {
+            device: part_node.clone(),
+            fstype: fstype.clone(),
+            before_bytes: before,
+            after_bytes: after,
+            changed: before != after,
+            how: "pvresize".into(),
+        });
+        if let Some((vg, l)) = lv {
+            let vgl = format!("{vg}/{l}");
+            let q = |args: &[&str]| -> Result<Option<u64>> {
+                let o = r.probe(args[0], &args[1..]).map_err(|e| anyhow!("{e}"))?;
+                Ok(o.stdout.trim().parse().ok())
+            };
+            let lv_before = q(&["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", &vgl])?;
+            let free = q(&["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg])?.unwrap_or(0);
+            if free > 0 || (r.dry_run() && part_changed) {
+                r.run_ok("lvextend", &["-l", "+100%FREE", &vgl]).map_err(|e| anyhow!("{e}"))?;
+                failpoint::hit("extend.after_lvextend");
+            }
+            let lv_after = q(&["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", &vgl])?;
+            growths.push(Growth {
+                device: vgl.clone(),
+                fstype: "lvm_logical_volume".into(),
+                before_bytes: lv_before,
+                after_bytes: lv_after,
+                changed: lv_before != lv_after,
+                how: "lvextend -l +100%FREE".into(),
+            });
+            let lv_path = std::path::PathBuf::from(format!("/dev/{vg}/{l}"));
+            if super::sysfs::is_block_node(&lv_path) {
+                let lvb = sys.resolve_path(&lv_path, Duration::ZERO)?;
+                let lvp = fs::probe(r, &s(&lv_path))?;
+                match lvp.fstype.as_deref() {
+                    Some(t) if fs::is_ext(t) || t == "xfs" => {
+                        let lmp = mount_of(&mounts, &lvb);
+                        let g = fs::grow(r, &ctx.state_dir, &s(&lv_path), t, lmp.as_deref(), lvb.size_bytes, true)
+                            .with_context(|| format!("growing the filesystem on {vgl}"))?;
+                        growths.push(g);
+                    }
+                    other => notes.push(format!(
+                        "{vgl} holds {}, which this agent does not grow",
+                        other.unwrap_or("no recognised filesystem")
+                    )),
+                }
+            } else {
+                notes.push(format!("{vgl} is not active (no {}): its filesystem was not grown", lv_path.display()));
+            }
+        }
+    } else {
+        let g = fs::grow(r, &ctx.state_dir, &part_node, &fstype, mp.as_deref(), target_bytes, assume_grows)?;
+        growths.push(g);
+    }
+    if let Some(g) = growths.first() {
+        d.insert("filesystem_bytes_before".into(), json!(g.before_bytes));
+        d.insert("filesystem_bytes_after".into(), json!(g.after_bytes));
+    }
+    d.insert("steps".into(), serde_json::to_value(&growths)?);
+    d.insert("notes".into(), json!(notes));
+    let fs_changed = growths.iter().any(|g| g.changed);
+    let what = growths
+        .iter()
+        .map(|g| match (g.before_bytes, g.after_bytes) {
+            (Some(a), Some(b)) if a != b => format!("{} {} grown from {a} to {b} bytes", g.fstype, g.device),
+            (Some(a), _) => format!("{} {} is {a} bytes ({})", g.fstype, g.device, g.how),
+            _ => format!("{} {} ({})", g.fstype, g.device, g.how),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let tail = if notes.is_empty() { String::new() } else { format!(". {}", notes.join(". ")) };
+    if r.dry_run() {
+        return Ok(JobResult::succeeded(format!("dry run: plan for {part_node} ({fstype}) computed{tail}")));
+    }
+    if part_changed || fs_changed {
+        Ok(JobResult::succeeded(format!(
+            "{part_node} grown from {} to {target_bytes} bytes; {what}{tail}",
+            part.size_bytes
+        )))
+    } else {
+        Ok(JobResult::no_change(format!("nothing to grow: {what}{tail}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lv_names() {
+        assert_eq!(valid_lv("vg0/data"), Some(("vg0", "data")));
+        assert_eq!(valid_lv("vg0/da ta"), None);
+        assert_eq!(valid_lv("vg0"), None);
+        assert_eq!(valid_lv("-x/y"), None);
+    }
+
+    #[test]
+    fn bad_params_are_refused_naming_the_field() {
+        let ctx = JobContext::new("/tmp".into(), "/tmp/fstab".into(), true);
+        let r = run(&ctx, &json!({"mount_point": "/x", "bogus": 1}));
+        assert_eq!(r.status, crate::jobs::Status::Refused);
+        assert!(r.message.contains("bogus"), "{}", r.message);
+        let r = run(&ctx, &json!({}));
+        assert_eq!(r.status, crate::jobs::Status::Refused);
+        assert!(r.message.contains("exactly one"), "{}", r.message);
+    }
 }

@@ -1,5 +1,605 @@
-//! InitializeDisk (placeholder until the disk issue lands).
-use crate::jobs::{JobContext, JobResult};
-pub fn run(_ctx: &JobContext, _params: &serde_json::Value) -> JobResult {
-    JobResult::failed("InitializeDisk is not implemented yet")
+//! InitializeDisk: GPT label, one partition from 1 MiB to the end, a
+//! filesystem, an fstab entry, a mount through that entry.
+//!
+//! Everything that could make this destructive is checked first, while the
+//! disk is untouched: a partition, `/` or `/boot`, holders, mounts, swap,
+//! read-only, a table or any signature (also at the offset where the new
+//! partition will start), the mount point, duplicates in fstab. Then each
+//! step runs only if its result is not there yet, so the same job run again
+//! answers `no_change`, and a run killed after any step finishes on the
+//! rerun. "Ours" means: GPT with exactly one partition, starting at 1 MiB,
+//! named [`PART_NAME`].
+use super::fs;
+use super::fstab::{self, Entry, Existing};
+use super::lock;
+use super::mount;
+use super::sysfs::{is_block_node, wait_until, Sys};
+use super::table;
+use crate::failpoint;
+use crate::jobs::{parse_params, JobContext, JobResult};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// GPT partition name marking the partition as made by this agent.
+pub const PART_NAME: &str = "xcp-vm-agent";
+/// `x-systemd.device-timeout=` added to every entry (systemd waits 90 s
+/// by default for a missing device).
+pub const DEVICE_TIMEOUT: &str = "x-systemd.device-timeout=30s";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    device: String,
+    #[serde(default = "default_fs")]
+    filesystem: String,
+    mount_point: String,
+    label: Option<String>,
+    mount_options: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+fn default_fs() -> String {
+    "ext4".into()
+}
+
+/// Directories a data disk must never be mounted on (or under, for the
+/// second list).
+const SYSTEM_DIRS: &[&str] = &[
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+];
+const SYSTEM_TREES: &[&str] = &["/boot", "/dev", "/etc", "/proc", "/run", "/sys", "/usr", "/var/lib", "/var/log"];
+
+/// Check a mount point's spelling; the reason when it is unacceptable.
+pub fn check_mount_point(mp: &str) -> Result<(), String> {
+    if !mp.starts_with('/') {
+        return Err(format!("mount_point {mp:?} is not an absolute path"));
+    }
+    if mp.chars().any(|c| c.is_control()) {
+        return Err(format!("mount_point {mp:?} contains control characters"));
+    }
+    if mp.len() > 1 && (mp.ends_with('/') || mp.contains("//") || mp.split('/').any(|c| c == "." || c == "..")) {
+        return Err(format!("mount_point {mp:?} is not normalised (no trailing /, //, . or ..)"));
+    }
+    if SYSTEM_DIRS.contains(&mp) {
+        return Err(format!("mount_point {mp} is a system directory"));
+    }
+    if let Some(t) = SYSTEM_TREES.iter().find(|t| Path::new(mp).starts_with(t)) {
+        return Err(format!("mount_point {mp} is inside the system directory {t}"));
+    }
+    Ok(())
+}
+
+/// Mount options with `nofail` and a device timeout added when missing.
+pub fn mount_options(given: Option<&str>) -> Result<String, String> {
+    let base = given.unwrap_or("defaults").trim();
+    if base.is_empty() || base.chars().any(|c| c.is_whitespace() || c == '#') || base.split(',').any(str::is_empty) {
+        return Err(format!("mount_options {base:?} is not a comma-separated option list"));
+    }
+    let mut opts: Vec<String> = base.split(',').map(str::to_string).collect();
+    if !opts.iter().any(|o| o == "nofail") {
+        opts.push("nofail".into());
+    }
+    if !opts.iter().any(|o| o.starts_with("x-systemd.device-timeout=")) {
+        opts.push(DEVICE_TIMEOUT.into());
+    }
+    Ok(opts.join(","))
+}
+
+fn check_label(fs: &str, label: &str) -> Result<(), String> {
+    let max = if fs == "xfs" { 12 } else { 16 };
+    if label.is_empty() || label.len() > max || label.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("label {label:?} is not valid for {fs} (1 to {max} bytes, no spaces)"));
+    }
+    Ok(())
+}
+
+/// A random (version 4) UUID.
+pub fn random_uuid() -> Result<String> {
+    let mut b = [0u8; 16];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("cannot read /dev/urandom")?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+}
+
+/// Display name of partition 1 for a dry-run plan only (the kernel's
+/// naming rule; real runs read the name from sysfs).
+fn predicted_part_node(disk: &Path) -> String {
+    let d = disk.to_string_lossy();
+    if d.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{d}p1")
+    } else {
+        format!("{d}1")
+    }
+}
+
+pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
+    let p: Params = match parse_params("InitializeDisk", params) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let mut d = Map::new();
+    match initialize(ctx, &p, &mut d) {
+        Ok(r) => r.with_details(Value::Object(d)),
+        Err(e) => JobResult::failed(format!("{e:#}")).with_details(Value::Object(d)),
+    }
+}
+
+fn devnum_of(path: &str) -> Option<(u64, u64)> {
+    let md = std::fs::metadata(path).ok()?;
+    md.file_type().is_block_device().then(|| (nix::sys::stat::major(md.rdev()), nix::sys::stat::minor(md.rdev())))
+}
+
+/// `findmnt --verify` output as a set of "target: problem" lines (errors only).
+fn findmnt_errors(out: &str) -> BTreeSet<String> {
+    let mut cur = String::new();
+    let mut v = BTreeSet::new();
+    for l in out.lines() {
+        if !l.starts_with(' ') {
+            cur = l.to_string();
+        } else if l.trim_start().starts_with("[E]") {
+            v.insert(format!("{cur}: {}", l.trim()));
+        }
+    }
+    v
+}
+
+fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Result<JobResult> {
+    let r = &ctx.runner;
+    let refuse = |m: String| Ok(JobResult::refused(m));
+    if p.filesystem != "ext4" && p.filesystem != "xfs" {
+        return refuse(format!("filesystem {:?} is not supported (ext4 or xfs)", p.filesystem));
+    }
+    if let Err(e) = check_mount_point(&p.mount_point) {
+        return refuse(e);
+    }
+    if let Some(l) = &p.label {
+        if let Err(e) = check_label(&p.filesystem, l) {
+            return refuse(e);
+        }
+    }
+    let opts = match mount_options(p.mount_options.as_deref()) {
+        Ok(o) => o,
+        Err(e) => return refuse(e),
+    };
+    let mp = p.mount_point.as_str();
+    let sys = Sys::default();
+    let mounts = mount::mounts()?;
+    let disk = match sys.resolve_path(Path::new(&p.device), Duration::from_secs(2)) {
+        Ok(b) => b,
+        Err(e) => return refuse(format!("{e:#}")),
+    };
+    let disk_node = disk.node.to_string_lossy().into_owned();
+    d.insert("disk".into(), json!(disk_node));
+    if let Some(n) = disk.partition {
+        return refuse(format!(
+            "{} is partition {n} of /dev/{}; InitializeDisk takes a whole disk",
+            p.device, disk.disk
+        ));
+    }
+    if disk.read_only {
+        return refuse(format!("{disk_node} is read-only"));
+    }
+    let kparts = sys.partitions(&disk.name);
+    let mut names: Vec<String> = vec![disk.name.clone()];
+    names.extend(kparts.iter().map(|(_, n)| n.clone()));
+    let mut devnums = Vec::new();
+    for n in &names {
+        devnums.push((n.clone(), sys.block(n)?.devnum));
+    }
+    let name_of = |dn: (u64, u64)| devnums.iter().find(|(_, x)| *x == dn).map(|(n, _)| n.clone());
+    for m in &mounts {
+        if let Some(n) = name_of(m.devnum) {
+            if m.mount_point == "/" || m.mount_point == "/boot" {
+                return refuse(format!("{disk_node} holds {} (on {n}); refusing to touch it", m.mount_point));
+            }
+        }
+    }
+    for n in &names {
+        let h = sys.holders(n);
+        if !h.is_empty() {
+            return refuse(format!(
+                "{n} is in use by {} (device-mapper, LVM or RAID holds it); refusing to touch it",
+                h.join(", ")
+            ));
+        }
+    }
+    for sw in mount::swaps() {
+        if let Some(n) = devnum_of(&sw).and_then(name_of) {
+            return refuse(format!("{n} is in use as swap ({sw}); refusing to touch it"));
+        }
+    }
+
+    let lbs = disk.logical_block_size;
+    let Some((first, last)) = table::init_partition_range(disk.size_bytes, lbs) else {
+        return refuse(format!("{disk_node} is too small ({} bytes) for a partition", disk.size_bytes));
+    };
+    let tab = table::read(r, &disk_node)?;
+    let ours = tab.as_ref().and_then(|t| {
+        (t.label == "gpt"
+            && t.partitions.len() == 1
+            && t.partitions[0].number == 1
+            && t.partitions[0].start == first
+            && t.partitions[0].name.as_deref() == Some(PART_NAME))
+        .then(|| t.partitions[0].clone())
+    });
+    let kernel_p1 = sys.partition_by_number(&disk.name, 1).and_then(|n| sys.block(&n).ok());
+    let our_devnum = if ours.is_some() { kernel_p1.as_ref().map(|b| b.devnum) } else { None };
+
+    // Mounted anywhere (other than our own partition at the mount point).
+    let mut mounted_ok = false;
+    for m in &mounts {
+        if let Some(n) = name_of(m.devnum) {
+            if Some(m.devnum) == our_devnum && m.mount_point == mp {
+                mounted_ok = true;
+                continue;
+            }
+            return refuse(format!("{n} is mounted at {}; refusing to touch {disk_node}", m.mount_point));
+        }
+    }
+    // The mount point itself.
+    if !mounted_ok {
+        if mounts.iter().any(|m| m.mount_point == mp) {
+            return refuse(format!("{mp} is already a mount point (of another device)"));
+        }
+        match std::fs::symlink_metadata(mp) {
+            Ok(md) if md.file_type().is_symlink() => return refuse(format!("mount_point {mp} is a symbolic link")),
+            Ok(md) if !md.is_dir() => return refuse(format!("mount_point {mp} exists and is not a directory")),
+            Ok(_) => {
+                if std::fs::read_dir(mp).map(|mut x| x.next().is_some()).unwrap_or(true) {
+                    return refuse(format!("mount_point {mp} is not an empty directory"));
+                }
+            }
+            Err(_) => {}
+        }
+        if let Some(parent) = Path::new(mp).parent() {
+            if let Ok(c) = std::fs::canonicalize(parent) {
+                if c != parent {
+                    return refuse(format!(
+                        "mount_point {mp} goes through a symbolic link ({} is {})",
+                        parent.display(),
+                        c.display()
+                    ));
+                }
+            }
+        }
+    }
+
+    // What is on the disk.
+    let part_size_bytes = (last - first + 1) * lbs;
+    let mut wipe_disk = false;
+    let mut need_mkfs = true;
+    let mut fs_uuid = random_uuid()?;
+    let mut part_guid = random_uuid()?;
+    if let Some(tp) = &ours {
+        part_guid = tp.uuid.clone().unwrap_or(part_guid).to_lowercase();
+        let pr = match &kernel_p1 {
+            Some(b) if b.start_512.map(|s| s * 512) == Some(first * lbs) => fs::probe(r, &b.node.to_string_lossy())?,
+            _ => fs::probe_at(r, &disk_node, tp.start * lbs, tp.size * lbs)?,
+        };
+        match (&pr.fstype, pr.ambivalent) {
+            (None, false) => {}
+            (Some(t), false)
+                if t == &p.filesystem && (p.label.is_none() || pr.label == p.label) && pr.uuid.is_some() =>
+            {
+                need_mkfs = false;
+                fs_uuid = pr.uuid.clone().unwrap_or_default();
+            }
+            _ if p.force => {}
+            _ => {
+                return refuse(format!(
+                    "{disk_node} already has this agent's partition, holding {}; the job asks for {}{}. Use force \
+                     to reformat it",
+                    pr.describe(),
+                    p.filesystem,
+                    p.label.as_ref().map(|l| format!(" labelled {l:?}")).unwrap_or_default()
+                ))
+            }
+        }
+    } else {
+        let sigs = fs::signatures(r, &disk_node)?;
+        let whole = fs::probe(r, &disk_node)?;
+        let what = if let Some(t) = &tab {
+            Some(format!("a partition table ({}, {} partitions)", t.label, t.partitions.len()))
+        } else if !whole.is_empty() || !sigs.is_empty() {
+            Some(if sigs.is_empty() { whole.describe() } else { format!("signatures: {}", sigs.join(", ")) })
+        } else {
+            let at = fs::probe_at(r, &disk_node, first * lbs, part_size_bytes)?;
+            (!at.is_empty()).then(|| format!("a leftover {} at the new partition's offset (1 MiB)", at.describe()))
+        };
+        if let Some(w) = what {
+            if !p.force {
+                return refuse(format!(
+                    "{disk_node} is not empty: it has {w}. Nothing was changed; use force to overwrite it"
+                ));
+            }
+            d.insert("overwritten".into(), json!(w));
+            wipe_disk = true;
+        }
+    }
+
+    // fstab, checked before anything changes.
+    let pass = if p.filesystem == "xfs" { "0" } else { "2" };
+    let entry = Entry {
+        spec: format!("UUID={fs_uuid}"),
+        file: mp.to_string(),
+        vfstype: p.filesystem.clone(),
+        mntops: opts.clone(),
+        freq: "0".into(),
+        passno: pass.into(),
+    };
+    let fstab_text = fstab::read(&ctx.fstab_path)?;
+    let lines = fstab::parse(&fstab_text);
+    let mut paths = vec![PathBuf::from(&disk_node)];
+    if let Some(b) = &kernel_p1 {
+        paths.push(b.node.clone());
+    }
+    let ids = fstab::DeviceIds {
+        uuid: Some(fs_uuid.clone()),
+        label: p.label.clone(),
+        partuuid: Some(part_guid.clone()),
+        partlabel: None,
+        paths,
+    };
+    let resolve = |s: &str| std::fs::canonicalize(s).ok();
+    let existing = fstab::find_existing(&lines, &entry, &ids, &resolve);
+    if let Existing::Conflict(why) = &existing {
+        return refuse(format!("{}: {why}; nothing was changed", ctx.fstab_path.display()));
+    }
+    let line = fstab::render(&entry);
+    d.insert("mount_point".into(), json!(mp));
+    d.insert("fstab_line".into(), json!(line));
+    d.insert("fstab".into(), json!(ctx.fstab_path.to_string_lossy()));
+
+    let fstab_done = matches!(existing, Existing::Identical(_));
+    if ours.is_some() && !need_mkfs && fstab_done && mounted_ok {
+        d.insert("partition".into(), json!(kernel_p1.as_ref().map(|b| b.node.to_string_lossy().into_owned())));
+        d.insert("filesystem_uuid".into(), json!(fs_uuid));
+        return Ok(JobResult::no_change(format!(
+            "{disk_node} is already initialized: {} on partition 1, in fstab and mounted at {mp}",
+            p.filesystem
+        )));
+    }
+
+    // From here on the disk changes.
+    let mut steps: Vec<&str> = Vec::new();
+    let _lock = lock::lock(&disk.node, Duration::from_secs(30))?;
+    if ours.is_none() {
+        if wipe_disk {
+            for (_, n) in &kparts {
+                r.run_ok("wipefs", &["--all", &format!("/dev/{n}")]).map_err(|e| anyhow!("{e}"))?;
+            }
+            r.run_ok("wipefs", &["--all", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+        }
+        r.run_ok(
+            "sgdisk",
+            &[
+                "--clear".to_string(),
+                format!("--new=1:{first}:{last}"),
+                "--typecode=1:8300".to_string(),
+                format!("--change-name=1:{PART_NAME}"),
+                format!("--partition-guid=1:{part_guid}"),
+                disk_node.clone(),
+            ],
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        failpoint::hit("initialize.after_partition");
+        steps.push("partitioned");
+    }
+    // The kernel must know partition 1 as the table has it. Some kernels
+    // re-read on sgdisk's request, some (without table parsers, or with a
+    // partition busy) do not: tell it through BLKPG when needed.
+    let part_node = if r.dry_run() {
+        if ours.is_none() || kernel_p1.is_none() {
+            r.run_ok("partx", &["--update", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+        }
+        kernel_p1
+            .as_ref()
+            .map(|b| b.node.to_string_lossy().into_owned())
+            .unwrap_or_else(|| predicted_part_node(&disk.node))
+    } else {
+        let right = || {
+            sys.partition_by_number(&disk.name, 1)
+                .and_then(|n| sys.block(&n).ok())
+                .map(|b| b.start_512 == Some(first * lbs / 512) && b.size_bytes == part_size_bytes)
+                .unwrap_or(false)
+        };
+        let extra = sys.partitions(&disk.name).len() > 1;
+        if !right() || extra {
+            r.run_ok("partx", &["--update", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+        }
+        if !wait_until(Duration::from_secs(10), right) {
+            bail!("the kernel does not show partition 1 of {disk_node} 10 s after the table was written");
+        }
+        let b = sys.block(&sys.partition_by_number(&disk.name, 1).unwrap_or_default())?;
+        if !wait_until(Duration::from_secs(10), || is_block_node(&b.node)) {
+            bail!("{} did not appear within 10 s", b.node.display());
+        }
+        b.node.to_string_lossy().into_owned()
+    };
+    d.insert("partition".into(), json!(part_node));
+
+    if need_mkfs {
+        if !r.dry_run() {
+            let pr = fs::probe(r, &part_node)?;
+            if !pr.is_empty() {
+                if !p.force {
+                    return refuse(format!(
+                        "the new partition {part_node} shows a leftover {}; use force to overwrite it",
+                        pr.describe()
+                    ));
+                }
+                r.run_ok("wipefs", &["--all", &part_node]).map_err(|e| anyhow!("{e}"))?;
+            }
+        }
+        let mut args: Vec<String> = Vec::new();
+        let prog = if p.filesystem == "xfs" {
+            args.extend(["-f".into(), "-q".into(), "-m".into(), format!("uuid={fs_uuid}")]);
+            "mkfs.xfs"
+        } else {
+            args.extend(["-F".into(), "-q".into(), "-U".into(), fs_uuid.clone()]);
+            "mkfs.ext4"
+        };
+        if let Some(l) = &p.label {
+            args.extend(["-L".into(), l.clone()]);
+        }
+        args.push(part_node.clone());
+        r.run_ok(prog, &args).map_err(|e| anyhow!("{e}"))?;
+        failpoint::hit("initialize.after_mkfs");
+        steps.push("formatted");
+        if !r.dry_run() {
+            let pr = fs::probe(r, &part_node)?;
+            if pr.fstype.as_deref() != Some(p.filesystem.as_str()) || pr.uuid.as_deref() != Some(fs_uuid.as_str()) {
+                bail!(
+                    "after {prog}, {part_node} shows {} instead of {} with UUID {fs_uuid}",
+                    pr.describe(),
+                    p.filesystem
+                );
+            }
+        }
+    }
+    d.insert("filesystem_uuid".into(), json!(fs_uuid));
+    drop(_lock);
+
+    if !Path::new(mp).exists() {
+        if r.dry_run() {
+            r.note(format!("mkdir -p {mp}"));
+        } else {
+            std::fs::create_dir_all(mp).with_context(|| format!("cannot create {mp}"))?;
+        }
+    }
+    if !fstab_done {
+        let new_text = fstab::append(&fstab_text, &line);
+        if r.dry_run() {
+            r.note(format!("write {} atomically, adding: {line}", ctx.fstab_path.display()));
+        } else {
+            let fp = ctx.fstab_path.clone();
+            fstab::write_atomic(&ctx.fstab_path, &new_text, |tmp| {
+                let o = r
+                    .probe("findmnt", &["--verify", "--tab-file", &tmp.to_string_lossy()])
+                    .map_err(|e| anyhow!("{e}"))?;
+                if o.code == 0 {
+                    return Ok(());
+                }
+                let new_errs = findmnt_errors(&o.stdout);
+                let old_errs = if fp.exists() {
+                    let o2 = r
+                        .probe("findmnt", &["--verify", "--tab-file", &fp.to_string_lossy()])
+                        .map_err(|e| anyhow!("{e}"))?;
+                    findmnt_errors(&o2.stdout)
+                } else {
+                    BTreeSet::new()
+                };
+                let added: Vec<&String> = new_errs.difference(&old_errs).collect();
+                if added.is_empty() && !new_errs.is_empty() {
+                    return Ok(()); // only errors the old file had already
+                }
+                bail!("findmnt --verify rejects the new fstab, so it was not written: {}", o.stdout.trim())
+            })?;
+            failpoint::hit("initialize.after_fstab");
+        }
+        steps.push("added to fstab");
+    }
+    if !mounted_ok {
+        let how = mount::mount_via_fstab(r, &ctx.fstab_path, mp)?;
+        d.insert("mount_method".into(), json!(how));
+        if !r.dry_run() {
+            let dn = sys.block(&sys.partition_by_number(&disk.name, 1).unwrap_or_default())?.devnum;
+            let ok = wait_until(Duration::from_secs(10), || {
+                mount::mounts().map(|ms| ms.iter().any(|m| m.devnum == dn && m.mount_point == mp)).unwrap_or(false)
+            });
+            if !ok {
+                bail!("{part_node} is not mounted at {mp} after mounting it through fstab");
+            }
+        }
+        steps.push("mounted");
+    }
+    d.insert("steps".into(), json!(steps));
+    if r.dry_run() {
+        return Ok(JobResult::succeeded(format!("dry run: plan to initialize {disk_node} computed")));
+    }
+    let resumed = if ours.is_some() { " (finishing an earlier, interrupted run)" } else { "" };
+    Ok(JobResult::succeeded(format!(
+        "{disk_node} initialized{resumed}: {} on {part_node} (UUID {fs_uuid}), in {} and mounted at {mp}; steps: {}",
+        p.filesystem,
+        ctx.fstab_path.display(),
+        steps.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_point_rules() {
+        assert!(check_mount_point("/data").is_ok());
+        assert!(check_mount_point("/srv/data").is_ok());
+        assert!(check_mount_point("/tmp/x/y").is_ok());
+        for bad in [
+            "data", "/data/", "/a//b", "/a/./b", "/a/../b", "/", "/etc", "/usr", "/var", "/boot", "/etc/x", "/proc/1",
+            "/run/x", "/tmp", "/a\nb",
+        ] {
+            assert!(check_mount_point(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn mount_options_always_get_nofail_and_timeout() {
+        assert_eq!(mount_options(None).unwrap(), format!("defaults,nofail,{DEVICE_TIMEOUT}"));
+        assert_eq!(mount_options(Some("noatime,nofail")).unwrap(), format!("noatime,nofail,{DEVICE_TIMEOUT}"));
+        assert_eq!(
+            mount_options(Some("defaults,x-systemd.device-timeout=5s")).unwrap(),
+            "defaults,x-systemd.device-timeout=5s,nofail"
+        );
+        assert!(mount_options(Some("a b")).is_err());
+        assert!(mount_options(Some("a,,b")).is_err());
+    }
+
+    #[test]
+    fn labels_and_uuids() {
+        assert!(check_label("xfs", "twelve_chars").is_ok());
+        assert!(check_label("xfs", "thirteen_char").is_err());
+        assert!(check_label("ext4", "sixteen_chars_ok").is_ok());
+        assert!(check_label("ext4", "a b").is_err());
+        let u = random_uuid().unwrap();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(u, random_uuid().unwrap());
+    }
+
+    #[test]
+    fn findmnt_errors_are_keyed_by_target() {
+        let out = "/nonexist\n   [E] unreachable on boot required target: No such file or directory\n   [W] x\n/ok\n";
+        let e = findmnt_errors(out);
+        assert_eq!(e.len(), 1);
+        assert!(e.iter().next().unwrap().starts_with("/nonexist: [E]"));
+    }
+
+    #[test]
+    fn predicted_names() {
+        assert_eq!(predicted_part_node(Path::new("/dev/loop0")), "/dev/loop0p1");
+        assert_eq!(predicted_part_node(Path::new("/dev/xvdb")), "/dev/xvdb1");
+    }
+
+    #[test]
+    fn refusals_before_touching_anything() {
+        let ctx = JobContext::new("/tmp".into(), "/tmp/nonexistent-fstab".into(), true);
+        let r = run(&ctx, &json!({"device": "/dev/null", "mount_point": "/etc"}));
+        assert_eq!(r.status, crate::jobs::Status::Refused);
+        assert!(r.message.contains("system directory"), "{}", r.message);
+        let r = run(&ctx, &json!({"device": "/dev/null", "mount_point": "/data", "filesystem": "btrfs"}));
+        assert!(r.message.contains("btrfs"), "{}", r.message);
+        let r = run(&ctx, &json!({"device": "/dev/null", "mount_point": "/data"}));
+        assert!(r.message.contains("not a block device"), "{}", r.message);
+    }
 }

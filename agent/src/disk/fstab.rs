@@ -1,0 +1,402 @@
+//! fstab: parse, find duplicates, add the agent's entry, write atomically.
+//!
+//! Every line not added by us is kept byte for byte (comments, blank lines,
+//! odd spacing). Fields are compared unescaped (`\040` is a space). The
+//! write goes to a temp file beside fstab, is fsynced, checked by the
+//! caller's `verify` (InitializeDisk runs `findmnt --verify --tab-file`),
+//! then renamed over fstab, and the directory is fsynced; mode and owner are
+//! kept. A crash leaves the old file or the new one, never a torn one.
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Trailing comment on every line the agent adds.
+pub const MARKER: &str = "# added by xcp-vm-agent InitializeDisk";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub spec: String,
+    pub file: String,
+    pub vfstype: String,
+    pub mntops: String,
+    pub freq: String,
+    pub passno: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub raw: String,
+    pub entry: Option<Entry>,
+}
+
+/// Escape a field for fstab: space, tab, newline and backslash as octal.
+pub fn escape(s: &str) -> String {
+    let mut o = String::new();
+    for c in s.chars() {
+        match c {
+            ' ' => o.push_str("\\040"),
+            '\t' => o.push_str("\\011"),
+            '\n' => o.push_str("\\012"),
+            '\\' => o.push_str("\\134"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// Undo [`escape`] (any `\NNN` octal escape).
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parse fstab text into lines, keeping each raw line (without its newline).
+pub fn parse(text: &str) -> Vec<Line> {
+    text.split_inclusive('\n')
+        .map(|l| {
+            let raw = l.strip_suffix('\n').unwrap_or(l).to_string();
+            let body = raw.trim_start();
+            let entry = if body.is_empty() || body.starts_with('#') {
+                None
+            } else {
+                let f: Vec<&str> = body.split_whitespace().take_while(|w| !w.starts_with('#')).collect();
+                if f.len() < 2 {
+                    None
+                } else {
+                    let g = |i: usize, d: &str| f.get(i).map(|s| unescape(s)).unwrap_or_else(|| d.to_string());
+                    Some(Entry {
+                        spec: g(0, ""),
+                        file: g(1, ""),
+                        vfstype: g(2, "auto"),
+                        mntops: g(3, "defaults"),
+                        freq: g(4, "0"),
+                        passno: g(5, "0"),
+                    })
+                }
+            };
+            Line { raw, entry }
+        })
+        .collect()
+}
+
+/// The line for an entry, escaped, with the agent's marker.
+pub fn render(e: &Entry) -> String {
+    format!(
+        "{} {} {} {} {} {} {MARKER}",
+        escape(&e.spec),
+        escape(&e.file),
+        escape(&e.vfstype),
+        escape(&e.mntops),
+        e.freq,
+        e.passno
+    )
+}
+
+/// Every way fstab may name the device being added.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceIds {
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    pub partuuid: Option<String>,
+    pub partlabel: Option<String>,
+    /// Canonical node paths (the partition and, to be safe, its disk).
+    pub paths: Vec<PathBuf>,
+}
+
+/// What the fstab already says about the device or mount point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Existing {
+    /// Nothing: the entry can be added.
+    None,
+    /// Our own identical entry is already there (line index).
+    Identical(usize),
+    /// A conflicting entry: the reason names the line.
+    Conflict(String),
+}
+
+fn norm_mp(s: &str) -> String {
+    let t = s.trim_end_matches('/');
+    if t.is_empty() {
+        "/".into()
+    } else {
+        t.to_string()
+    }
+}
+
+fn unquote(s: &str) -> &str {
+    s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s)
+}
+
+/// Whether `spec` (any spelling) names the device described by `ids`.
+/// `resolve` turns a path spec into its canonical node (tests pass a fake).
+pub fn spec_matches(spec: &str, ids: &DeviceIds, resolve: &dyn Fn(&str) -> Option<PathBuf>) -> bool {
+    let eq_ci = |a: &Option<String>, b: &str| a.as_deref().map(|a| a.eq_ignore_ascii_case(unquote(b))).unwrap_or(false);
+    let eq = |a: &Option<String>, b: &str| a.as_deref().map(|a| a == unquote(b)).unwrap_or(false);
+    if let Some(v) = spec.strip_prefix("UUID=") {
+        return eq_ci(&ids.uuid, v);
+    }
+    if let Some(v) = spec.strip_prefix("PARTUUID=") {
+        return eq_ci(&ids.partuuid, v);
+    }
+    if let Some(v) = spec.strip_prefix("LABEL=") {
+        return eq(&ids.label, v);
+    }
+    if let Some(v) = spec.strip_prefix("PARTLABEL=") {
+        return eq(&ids.partlabel, v);
+    }
+    if spec.starts_with('/') {
+        if ids.paths.iter().any(|p| p == Path::new(spec)) {
+            return true;
+        }
+        if let Some(r) = resolve(spec) {
+            return ids.paths.contains(&r);
+        }
+    }
+    false
+}
+
+/// Look for an entry with the same mount point or the same device.
+pub fn find_existing(
+    lines: &[Line],
+    new: &Entry,
+    ids: &DeviceIds,
+    resolve: &dyn Fn(&str) -> Option<PathBuf>,
+) -> Existing {
+    let mut identical = None;
+    for (i, l) in lines.iter().enumerate() {
+        let Some(e) = &l.entry else { continue };
+        if e == new {
+            identical = Some(i);
+            continue;
+        }
+        if norm_mp(&e.file) == norm_mp(&new.file) && e.file != "none" {
+            return Existing::Conflict(format!(
+                "fstab line {} already mounts something at {}: {:?}",
+                i + 1,
+                new.file,
+                l.raw
+            ));
+        }
+        if spec_matches(&e.spec, ids, resolve) {
+            return Existing::Conflict(format!("fstab line {} already names this device: {:?}", i + 1, l.raw));
+        }
+    }
+    identical.map(Existing::Identical).unwrap_or(Existing::None)
+}
+
+/// `text` with `line` appended; a missing final newline is added first.
+pub fn append(text: &str, line: &str) -> String {
+    let mut s = text.to_string();
+    if !s.is_empty() && !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s.push_str(line);
+    s.push('\n');
+    s
+}
+
+/// The temp file used beside `path`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "fstab".into());
+    path.with_file_name(format!(".{name}.xcp-vm-agent.tmp"))
+}
+
+/// Write `text` over `path` atomically; `verify` checks the temp file before
+/// it replaces the old one (an error leaves the old file untouched).
+pub fn write_atomic(path: &Path, text: &str, verify: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = temp_path(path);
+    let old = fs::metadata(path).ok();
+    let r = (|| -> Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", tmp.display()))?;
+        if let Some(m) = &old {
+            f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))
+                .with_context(|| format!("cannot set the owner of {}", tmp.display()))?;
+        }
+        f.sync_all().with_context(|| format!("cannot fsync {}", tmp.display()))?;
+        drop(f);
+        crate::failpoint::hit("initialize.after_fstab_temp");
+        verify(&tmp)?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} over {}", tmp.display(), path.display()))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
+    Ok(())
+}
+
+/// Read fstab; a missing file is an empty one.
+pub fn read(path: &Path) -> Result<String> {
+    match fs::read(path) {
+        Ok(b) => match String::from_utf8(b) {
+            Ok(s) => Ok(s),
+            Err(_) => bail!("{} is not valid UTF-8; not editing it", path.display()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FSTAB: &str = "# /etc/fstab: static file system information.\n\
+UUID=1111-aaaa /               ext4    errors=remount-ro 0       1\n\
+\n\
+  # indented comment\n\
+/dev/xvda5 none swap sw 0 0\n\
+LABEL=backup /mnt/back\\040up xfs defaults,nofail 0 0\n\
+PARTUUID=ABCD-01 /srv/old ext4 defaults\n\
+proc /proc proc defaults 0 0";
+
+    fn ours() -> Entry {
+        Entry {
+            spec: "UUID=2222-bbbb".into(),
+            file: "/data".into(),
+            vfstype: "ext4".into(),
+            mntops: "defaults,nofail,x-systemd.device-timeout=30s".into(),
+            freq: "0".into(),
+            passno: "2".into(),
+        }
+    }
+
+    fn ids() -> DeviceIds {
+        DeviceIds {
+            uuid: Some("2222-BBBB".into()),
+            label: Some("data".into()),
+            partuuid: Some("eeee-ffff".into()),
+            partlabel: Some("xcp-vm-agent".into()),
+            paths: vec!["/dev/xvdb1".into(), "/dev/xvdb".into()],
+        }
+    }
+
+    fn no_resolve(_: &str) -> Option<PathBuf> {
+        None
+    }
+
+    #[test]
+    fn parse_keeps_raw_lines_and_unescapes() {
+        let l = parse(FSTAB);
+        assert_eq!(l.len(), 8);
+        assert_eq!(l.iter().map(|x| x.raw.as_str()).collect::<Vec<_>>().join("\n"), FSTAB);
+        assert!(l[0].entry.is_none() && l[2].entry.is_none() && l[3].entry.is_none());
+        assert_eq!(l[5].entry.as_ref().unwrap().file, "/mnt/back up");
+        assert_eq!(l[6].entry.as_ref().unwrap().passno, "0");
+    }
+
+    #[test]
+    fn append_keeps_every_other_byte() {
+        let out = append(FSTAB, &render(&ours()));
+        assert!(out.starts_with(FSTAB));
+        assert_eq!(&out[FSTAB.len()..FSTAB.len() + 1], "\n");
+        assert!(out.ends_with(&format!("30s 0 2 {MARKER}\n")));
+        assert_eq!(append("", "x"), "x\n");
+        assert_eq!(append("a\n", "x"), "a\nx\n");
+    }
+
+    #[test]
+    fn escape_roundtrips_spaces_and_backslashes() {
+        let s = "/mnt/my data\\x\ty";
+        assert_eq!(escape(s), "/mnt/my\\040data\\134x\\011y");
+        assert_eq!(unescape(&escape(s)), s);
+        let mut e = ours();
+        e.file = "/mnt/a b".into();
+        let l = parse(&render(&e));
+        assert_eq!(l[0].entry.as_ref().unwrap(), &e);
+    }
+
+    #[test]
+    fn duplicate_mount_point_is_a_conflict() {
+        let mut e = ours();
+        e.file = "/mnt/back up/".into();
+        match find_existing(&parse(FSTAB), &e, &ids(), &no_resolve) {
+            Existing::Conflict(r) => assert!(r.contains("line 6"), "{r}"),
+            x => panic!("{x:?}"),
+        }
+    }
+
+    #[test]
+    fn duplicate_device_in_every_spelling() {
+        for spec in [
+            "UUID=2222-bbbb",
+            "UUID=\"2222-BBBB\"",
+            "LABEL=data",
+            "PARTUUID=EEEE-FFFF",
+            "PARTLABEL=xcp-vm-agent",
+            "/dev/xvdb1",
+            "/dev/disk/by-uuid/2222-bbbb",
+        ] {
+            let text = format!("{FSTAB}\n{spec} /elsewhere ext4 defaults 0 0\n");
+            let resolve = |s: &str| (s == "/dev/disk/by-uuid/2222-bbbb").then(|| PathBuf::from("/dev/xvdb1"));
+            match find_existing(&parse(&text), &ours(), &ids(), &resolve) {
+                Existing::Conflict(r) => assert!(r.contains("line 9"), "{spec}: {r}"),
+                x => panic!("{spec}: {x:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn our_identical_entry_is_found_and_others_are_fine() {
+        assert_eq!(find_existing(&parse(FSTAB), &ours(), &ids(), &no_resolve), Existing::None);
+        let text = append(FSTAB, &render(&ours()));
+        assert_eq!(find_existing(&parse(&text), &ours(), &ids(), &no_resolve), Existing::Identical(8));
+        let mut other = ours();
+        other.mntops = "defaults".into();
+        let text = append(FSTAB, &render(&other));
+        assert!(matches!(find_existing(&parse(&text), &ours(), &ids(), &no_resolve), Existing::Conflict(_)));
+    }
+
+    #[test]
+    fn atomic_write_keeps_mode_and_refuses_on_failed_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fstab");
+        fs::write(&p, FSTAB).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        let e = write_atomic(&p, "garbage\n", |_| bail!("bad")).unwrap_err();
+        assert_eq!(e.to_string(), "bad");
+        assert_eq!(fs::read_to_string(&p).unwrap(), FSTAB);
+        assert!(!temp_path(&p).exists());
+        let new = append(FSTAB, &render(&ours()));
+        write_atomic(&p, &new, |t| {
+            assert_eq!(fs::read_to_string(t).unwrap(), new);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), new);
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert!(!temp_path(&p).exists());
+    }
+
+    #[test]
+    fn missing_fstab_reads_empty() {
+        assert_eq!(read(Path::new("/nonexistent/fstab")).unwrap(), "");
+    }
+}

@@ -1,0 +1,266 @@
+//! Partition tables as `sfdisk --json` shows them, and the size arithmetic
+//! of growing one partition: where it may end, what is in the way, the MBR
+//! 2 TiB cap. Parsing and arithmetic are pure; only [`read`] runs a tool.
+use crate::runner::Runner;
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+/// GPT keeps a backup header and entry array at the end of the disk;
+/// growpart leaves 33 sectors plus one for it, whatever the sector size.
+pub const GPT_TAIL_SECTORS: u64 = 34;
+/// MBR start and size fields are 32-bit sector counts.
+pub const MBR_MAX_SECTORS: u64 = 1 << 32;
+/// growpart's default fudge: growth below 1 MiB is no growth.
+pub const FUDGE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TablePart {
+    pub number: u32,
+    pub node: String,
+    /// In logical sectors.
+    pub start: u64,
+    /// In logical sectors.
+    pub size: u64,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub uuid: Option<String>,
+    pub name: Option<String>,
+}
+
+impl TablePart {
+    pub fn end(&self) -> u64 {
+        self.start + self.size - 1
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Table {
+    /// `gpt` or `dos`.
+    pub label: String,
+    pub partitions: Vec<TablePart>,
+}
+
+/// Parse `sfdisk --json DISK` output. Partition numbers come from the node
+/// sfdisk printed: the disk path, an optional `p`, the number.
+pub fn parse_sfdisk_json(text: &str, disk_path: &str) -> Result<Table> {
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("cannot parse sfdisk --json output: {e}"))?;
+    let pt = v.get("partitiontable").ok_or_else(|| anyhow!("sfdisk --json output has no partitiontable"))?;
+    let label = pt.get("label").and_then(Value::as_str).unwrap_or("").to_string();
+    let mut partitions = Vec::new();
+    for p in pt.get("partitions").and_then(Value::as_array).into_iter().flatten() {
+        let node = p.get("node").and_then(Value::as_str).unwrap_or("").to_string();
+        let rest = node.strip_prefix(disk_path).unwrap_or(&node);
+        let rest = rest.strip_prefix('p').unwrap_or(rest);
+        let digits: String = rest.chars().rev().take_while(|c| c.is_ascii_digit()).collect();
+        let digits: String = digits.chars().rev().collect();
+        let number = digits.parse().map_err(|_| anyhow!("cannot tell the partition number of {node}"))?;
+        let num = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let s = |k: &str| p.get(k).and_then(Value::as_str).map(str::to_string);
+        partitions.push(TablePart {
+            number,
+            node,
+            start: num("start"),
+            size: num("size"),
+            type_: s("type").unwrap_or_default(),
+            uuid: s("uuid"),
+            name: s("name"),
+        });
+    }
+    Ok(Table { label, partitions })
+}
+
+/// The table on `disk_path`, or None when it has none.
+pub fn read(runner: &Runner, disk_path: &str) -> Result<Option<Table>> {
+    let out = runner.probe("sfdisk", &["--json", disk_path]).map_err(|e| anyhow!("{e}"))?;
+    if out.code != 0 {
+        if out.stderr.contains("does not contain a recognized partition table") {
+            return Ok(None);
+        }
+        return Err(anyhow!("`sfdisk --json {disk_path}` exited with {}: {}", out.code, out.stderr.trim()));
+    }
+    parse_sfdisk_json(&out.stdout, disk_path).map(Some)
+}
+
+/// MBR extended-container types.
+pub fn is_extended(type_: &str) -> bool {
+    matches!(type_.to_ascii_lowercase().as_str(), "5" | "f" | "85")
+}
+
+/// How far one partition can grow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrowLimit {
+    /// Last sector the partition could end at.
+    pub max_end: u64,
+    /// Bytes it could grow by (0 below the 1 MiB fudge).
+    pub growable_bytes: u64,
+    /// A partition starting right after it that blocks growth while free
+    /// space exists further on: (number, node).
+    pub blocker: Option<(u32, String)>,
+    /// Free bytes beyond the blocker (what the user hoped to get).
+    pub free_beyond_blocker: u64,
+    /// The MBR 2^32-sector limit cut the growth short by this many bytes.
+    pub mbr_capped_bytes: u64,
+}
+
+/// Where partition `number` of `table` may end on a disk of `disk_sectors`
+/// logical sectors of `lbs` bytes; mirrors growpart's arithmetic.
+pub fn grow_limit(table: &Table, number: u32, disk_sectors: u64, lbs: u64) -> Option<GrowLimit> {
+    let p = table.partitions.iter().find(|p| p.number == number)?;
+    let tail_limit = disk_sectors.saturating_sub(GPT_TAIL_SECTORS);
+    let mut limit = tail_limit;
+    let mut mbr_capped_bytes = 0;
+    if table.label == "dos" && limit > MBR_MAX_SECTORS - 1 {
+        mbr_capped_bytes = (limit - (MBR_MAX_SECTORS - 1)) * lbs;
+        limit = MBR_MAX_SECTORS - 1;
+    }
+    let next = table.partitions.iter().filter(|q| q.number != number && q.start > p.start).min_by_key(|q| q.start);
+    let max_end = match next {
+        Some(q) if q.start <= limit => q.start - 1,
+        _ => limit,
+    };
+    let bytes = |sectors: u64| sectors * lbs;
+    let raw = bytes(max_end.saturating_sub(p.end()));
+    let growable_bytes = if raw < FUDGE_BYTES { 0 } else { raw };
+    let mut blocker = None;
+    let mut free_beyond_blocker = 0;
+    if growable_bytes == 0 {
+        if let Some(q) = next {
+            let last_end = table.partitions.iter().map(|x| x.end()).max().unwrap_or(0);
+            let free = bytes(limit.saturating_sub(last_end));
+            if free >= FUDGE_BYTES {
+                blocker = Some((q.number, q.node.clone()));
+                free_beyond_blocker = free;
+            }
+        }
+    }
+    if max_end < limit {
+        mbr_capped_bytes = 0;
+    }
+    Some(GrowLimit { max_end, growable_bytes, blocker, free_beyond_blocker, mbr_capped_bytes })
+}
+
+/// The single partition InitializeDisk creates: first and last sector, from
+/// 1 MiB to the end of the usable area, its size a multiple of 1 MiB.
+pub fn init_partition_range(disk_bytes: u64, lbs: u64) -> Option<(u64, u64)> {
+    let mib = 1u64 << 20;
+    let disk_sectors = disk_bytes / lbs;
+    let first = mib / lbs;
+    let last_usable = disk_sectors.checked_sub(GPT_TAIL_SECTORS)?;
+    let end_bytes = ((last_usable + 1) * lbs) / mib * mib;
+    if end_bytes <= mib {
+        return None;
+    }
+    Some((first, end_bytes / lbs - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GPT: &str = r#"{"partitiontable": {"label":"gpt","id":"X","device":"/dev/loop0","unit":"sectors",
+      "firstlba":2048,"lastlba":204766,"sectorsize":512,"partitions":[
+      {"node":"/dev/loop0p1","start":2048,"size":102400,"type":"0FC63DAF-8483-4772-8E79-3D69D8477DE4","uuid":"U1","name":"root"},
+      {"node":"/dev/loop0p2","start":104448,"size":20480,"type":"0657FD6D-A4AB-43C4-84E5-0933C84B4F4F","uuid":"U2"}]}}"#;
+
+    fn t() -> Table {
+        parse_sfdisk_json(GPT, "/dev/loop0").unwrap()
+    }
+
+    #[test]
+    fn parses_numbers_from_nodes() {
+        let t = t();
+        assert_eq!(t.label, "gpt");
+        assert_eq!(t.partitions[0].number, 1);
+        assert_eq!(t.partitions[1].number, 2);
+        assert_eq!(t.partitions[0].name.as_deref(), Some("root"));
+        let x = parse_sfdisk_json(
+            r#"{"partitiontable":{"label":"dos","partitions":[{"node":"/dev/xvda12","start":1,"size":2,"type":"83"}]}}"#,
+            "/dev/xvda",
+        )
+        .unwrap();
+        assert_eq!(x.partitions[0].number, 12);
+    }
+
+    #[test]
+    fn swap_after_root_is_the_blocker_when_the_disk_grew() {
+        let t = t();
+        // disk grown to 400000 sectors: p1 is followed directly by p2.
+        let g = grow_limit(&t, 1, 400000, 512).unwrap();
+        assert_eq!(g.growable_bytes, 0);
+        assert_eq!(g.blocker, Some((2, "/dev/loop0p2".into())));
+        assert!(g.free_beyond_blocker > 0);
+        // the last partition can grow to the end minus the GPT tail.
+        let g2 = grow_limit(&t, 2, 400000, 512).unwrap();
+        assert_eq!(g2.max_end, 400000 - 34);
+        assert_eq!(g2.growable_bytes, (400000 - 34 - (104448 + 20480 - 1)) * 512);
+    }
+
+    #[test]
+    fn no_growth_and_no_blocker_when_the_disk_did_not_grow() {
+        let t = t();
+        let g = grow_limit(&t, 2, 124928 + 34, 512).unwrap();
+        assert_eq!(g.growable_bytes, 0);
+        assert_eq!(g.blocker, None);
+    }
+
+    #[test]
+    fn below_fudge_is_no_growth() {
+        let t = t();
+        let g = grow_limit(&t, 2, 124928 + 34 + 1000, 512).unwrap();
+        assert_eq!(g.growable_bytes, 0);
+    }
+
+    #[test]
+    fn mbr_is_capped_at_2_tib() {
+        let t = Table {
+            label: "dos".into(),
+            partitions: vec![TablePart {
+                number: 1,
+                node: "/dev/sda1".into(),
+                start: 2048,
+                size: 1 << 20,
+                type_: "83".into(),
+                uuid: None,
+                name: None,
+            }],
+        };
+        let disk = 3u64 << 31; // 3 TiB in 512-byte sectors
+        let g = grow_limit(&t, 1, disk, 512).unwrap();
+        assert_eq!(g.max_end, MBR_MAX_SECTORS - 1);
+        assert_eq!(g.mbr_capped_bytes, (disk - 34 - (MBR_MAX_SECTORS - 1)) * 512);
+        let gpt = Table { label: "gpt".into(), ..t };
+        assert_eq!(grow_limit(&gpt, 1, disk, 512).unwrap().mbr_capped_bytes, 0);
+    }
+
+    #[test]
+    fn four_k_sectors_count_in_logical_sectors() {
+        let t = Table {
+            label: "gpt".into(),
+            partitions: vec![TablePart {
+                number: 1,
+                node: "/dev/loop1p1".into(),
+                start: 256,
+                size: 256,
+                type_: "x".into(),
+                uuid: None,
+                name: None,
+            }],
+        };
+        let g = grow_limit(&t, 1, 65536, 4096).unwrap();
+        assert_eq!(g.max_end, 65536 - 34);
+        assert_eq!(g.growable_bytes, (65536 - 34 - 511) * 4096);
+    }
+
+    #[test]
+    fn init_range_is_mib_aligned() {
+        let (a, b) = init_partition_range(1 << 30, 512).unwrap();
+        assert_eq!(a, 2048);
+        assert_eq!((b + 1) * 512 % (1 << 20), 0);
+        assert!(b < (1 << 30) / 512 - 34);
+        let (a, b) = init_partition_range(1 << 30, 4096).unwrap();
+        assert_eq!(a, 256);
+        assert_eq!((b + 1) * 4096 % (1 << 20), 0);
+        assert!(init_partition_range(1 << 20, 512).is_none());
+    }
+}
