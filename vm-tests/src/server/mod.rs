@@ -286,6 +286,13 @@ fn serve_tls(tcp: TcpStream, tls: Arc<rustls::ServerConfig>, store: Arc<Store>, 
     let mut s = rustls::StreamOwned::new(conn, tcp);
     while s.conn.is_handshaking() {
         if let Err(e) = s.conn.complete_io(&mut s.sock) {
+            // Send the alert rustls queued (for example CertificateRequired),
+            // so the client learns why instead of seeing a broken pipe.
+            while s.conn.wants_write() {
+                if s.conn.write_tls(&mut s.sock).is_err() {
+                    break;
+                }
+            }
             let hint = if e.to_string().contains("no certificates") || e.to_string().contains("CertificateRequired") {
                 " (the client presented no client certificate)"
             } else {
