@@ -1,6 +1,10 @@
 //! `cargo xtask`: the project's build, test, demo, bench and packaging tasks.
 //!
 //! `main` only parses the task name and dispatches to one file per task.
+mod apk;
+mod apkcheck;
+mod dist;
+mod pkgtest;
 mod setup;
 mod test;
 mod util;
@@ -29,6 +33,7 @@ fn main() {
     let r: Result<()> = match task {
         "test" => test::run(rest),
         "setup" => setup::run(rest),
+        "dist" => dist::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

@@ -39,5 +39,8 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         eprintln!("\n    note: not root, the loop-device tier was skipped (run as root to include it)");
     }
+
+    step("packaging checks");
+    crate::pkgtest::run(&[])?;
     Ok(())
 }
