@@ -3,6 +3,7 @@
 //! `main` only parses the task name and dispatches to one file per task.
 mod apk;
 mod apkcheck;
+mod demo;
 mod dist;
 mod pkgtest;
 mod setup;
@@ -33,6 +34,7 @@ fn main() {
     let r: Result<()> = match task {
         "test" => test::run(rest),
         "setup" => setup::run(rest),
+        "demo" => demo::run(rest),
         "dist" => dist::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
