@@ -43,9 +43,13 @@ pub struct Vbd {
 }
 
 /// The VBDs of this guest, through a fresh xenstore connection and the real
-/// `/sys`.
+/// `/sys`. Not a Xen guest (no xenstore): an empty list.
 pub fn list_vbds() -> Result<Vec<Vbd>> {
-    let mut c = Client::open().context("cannot list Xen VBDs")?;
+    let mut c = match Client::open() {
+        Ok(c) => c,
+        Err(XsError::NotAvailable { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("cannot list Xen VBDs"),
+    };
     list_vbds_in(&mut c, Path::new("/sys"), Path::new("/dev")).context("cannot list Xen VBDs")
 }
 

@@ -329,6 +329,15 @@ impl Client {
         }
     }
 
+    /// Connect to the socket `socket` names, or as [`Client::open`] when None
+    /// (for callers that carry a configured xenstore location).
+    pub fn open_at(socket: Option<&Path>) -> Result<Client, XsError> {
+        match socket {
+            Some(p) => Client::connect_socket(p),
+            None => Client::open(),
+        }
+    }
+
     /// Where [`Client::open`] would connect, without connecting: the socket
     /// path, the first xenbus device that exists, or None.
     pub fn location() -> Option<PathBuf> {
