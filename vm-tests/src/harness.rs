@@ -325,7 +325,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("XCP_TEST_SHOW").is_some() {
             eprintln!("{}", self.report());
             if std::env::var_os("XCP_TEST_KEEP").is_some() {
                 let p = self.dir.path().to_path_buf();
