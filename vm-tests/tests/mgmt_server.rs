@@ -217,7 +217,7 @@ fn long_poll_holds_then_wakes_when_a_job_is_queued() {
     let t0 = Instant::now();
     assert!(checkin(&mut c, VM, 1).is_empty());
     let held = t0.elapsed();
-    assert!(held >= Duration::from_millis(900) && held < Duration::from_secs(3), "held {held:?}");
+    assert!(held >= Duration::from_millis(900) && held < Duration::from_secs(5), "held {held:?}");
 
     // A job queued while the check-in is held is answered at once.
     let t0 = Instant::now();
@@ -232,7 +232,9 @@ fn long_poll_holds_then_wakes_when_a_job_is_queued() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["id"], id.as_str());
     let latency = answered_at.duration_since(queued_at);
-    assert!(latency < Duration::from_millis(1000), "job pickup took {latency:?}");
+    // A condition-variable wake-up takes microseconds; the bound leaves room
+    // for a loaded 2-core CI machine.
+    assert!(latency < Duration::from_millis(2000), "job pickup took {latency:?}");
     assert!(t0.elapsed() < Duration::from_secs(5));
 
     // Queued before the check-in: answered at once even with a long wait.
