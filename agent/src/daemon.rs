@@ -52,9 +52,18 @@ pub struct Shared {
 impl Shared {
     /// Sleep up to `d`, waking early on shutdown or reload.
     pub fn sleep(&self, d: Duration) {
+        self.sleep_while(d, || !self.shutdown.load(Ordering::SeqCst) && !self.reload.load(Ordering::SeqCst))
+    }
+
+    /// Sleep up to `d`, waking early only on shutdown.
+    pub fn sleep_unless_shutdown(&self, d: Duration) {
+        self.sleep_while(d, || !self.shutdown.load(Ordering::SeqCst))
+    }
+
+    fn sleep_while(&self, d: Duration, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + d;
         let mut g = self.busy.lock().unwrap();
-        while !self.shutdown.load(Ordering::SeqCst) && !self.reload.load(Ordering::SeqCst) {
+        while cond() {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -302,12 +311,28 @@ fn spawn_signal_thread(shared: Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
+/// Guest-tools keys for the toolstack, refreshed every 30 s on a thread of
+/// their own so they stay current while the server is unreachable.
+fn spawn_xen_publisher(cfg: Config, shared: Arc<Shared>) -> Result<()> {
+    std::thread::Builder::new().name("xen-publish".into()).spawn(move || {
+        let mut p = crate::xen::publish::Publisher::new();
+        while !shared.shutdown.load(Ordering::SeqCst) {
+            p.tick(&cfg);
+            shared.sleep_unless_shutdown(Duration::from_secs(30));
+        }
+    })?;
+    Ok(())
+}
+
 /// `xcp-vm-agent run`: the daemon. Returns only on a fatal start-up error.
 pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
     let shared = Arc::new(Shared::default());
     spawn_signal_thread(shared.clone())?;
     if let Some(addr) = cfg.status_listen {
         crate::status::spawn(addr, shared.clone())?;
+    }
+    if cfg.xenstore_publish != crate::config::XenPublish::Never {
+        spawn_xen_publisher(cfg.clone(), shared.clone())?;
     }
     let mut rng = Rng::from_entropy();
     // No server yet (fresh package install): say once what to configure and

@@ -228,21 +228,18 @@ pub fn current() -> Identity {
     collect(&sys_root(), &xen_facts())
 }
 
-/// Read `vm` and `domid` from xenstore. Interim: through `xenstore-read`
-/// when installed; replaced by the native client of `crate::xen`.
+/// Read `vm` and `domid` from xenstore with the native client.
 fn xen_facts() -> XenFacts {
-    let read = |key: &str| -> Option<Result<String, String>> {
-        match crate::runner::exec("xenstore-read", &[key]) {
-            Ok(o) if o.code == 0 => Some(Ok(o.stdout.trim().to_string())),
-            Ok(o) => Some(Err(o.stderr.trim().to_string())),
-            Err(_) => None,
-        }
+    let x = crate::xen::xenstore_identity();
+    let vm = match (x.vm_path, x.location, x.error) {
+        (Some(v), _, _) => Some(Ok(v)),
+        // xenstore is there but could not be read: say why.
+        (None, Some(_), Some(e)) => Some(Err(e)),
+        // Not a Xen guest.
+        _ => None,
     };
-    let vm = read("vm");
-    let domid = read("domid").and_then(|r| r.ok()).and_then(|s| s.parse().ok());
-    XenFacts { vm, domid }
+    XenFacts { vm, domid: x.domid }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

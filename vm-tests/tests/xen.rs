@@ -242,11 +242,8 @@ fn agent_identity_json_shows_every_source() {
 }
 
 /// The same with a `xenstore-read` on PATH that always fails: only the
-/// agent's own client can answer. Ignored until `crate::identity` reads
-/// xenstore through `crate::xen::xenstore_identity` instead of running
-/// xenstore-read.
+/// agent's own client can answer.
 #[test]
-#[ignore = "needs identity.rs wired to crate::xen::xenstore_identity (the lead's change)"]
 fn agent_identity_needs_no_xenstore_utils() {
     use std::os::unix::fs::PermissionsExt;
     let (d, xs) = serve("hvm");

@@ -3,6 +3,7 @@
 //! `main` only parses the task name and dispatches to one file per task.
 mod apk;
 mod apkcheck;
+mod bench;
 mod demo;
 mod dist;
 mod pkgtest;
@@ -36,6 +37,7 @@ fn main() {
         "setup" => setup::run(rest),
         "demo" => demo::run(rest),
         "dist" => dist::run(rest),
+        "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

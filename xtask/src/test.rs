@@ -31,6 +31,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "vm-tests",
             "--test",
             "disk",
+            "--test",
+            "xen",
             "--",
             "--test-threads=1",
         ]))?;
