@@ -562,3 +562,32 @@ fn daemon_survives_a_failing_server() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
 }
+
+/// With long-poll the daemon starts a job queued while it waits at once,
+/// not at its next check-in interval.
+#[test]
+fn daemon_picks_up_a_job_at_once_through_long_poll() {
+    let s = setup("pickup", json!({"long_poll_seconds": 60, "check_in_interval": 10}));
+    let mut d = s.w.spawn_agent(&s.agent, &["run"]);
+    let admin = s.server.admin();
+    assert!(
+        wait_for(Duration::from_secs(60), || (admin.checkin_count(&s.vm) >= 1).then_some(())).is_some(),
+        "the daemon never checked in"
+    );
+    let mut latencies = Vec::new();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500)); // back in a held check-in
+        let id = s.queue("RunScript", json!({"script": "true"}));
+        let j = admin.wait_job(&id, "final", 60);
+        assert_eq!(j["status"], "succeeded", "job: {j:#}");
+        let lat = j["running_at_ms"].as_u64().unwrap() - j["created_at_ms"].as_u64().unwrap();
+        latencies.push(lat);
+    }
+    // Each job is queued 0.5 s after a check-in began and the interval is
+    // 10 s: starting within 3 s proves the held check-in was answered when
+    // the job was queued (the first check-in comes after a jitter of up to
+    // the interval, hence the interval is not larger).
+    assert!(latencies.iter().all(|&l| l < 3000), "pickup latencies {latencies:?} ms");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
+}
