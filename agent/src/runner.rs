@@ -109,6 +109,28 @@ impl Runner {
         }
     }
 
+    /// `run` with `input` written to the command's stdin (for tools that
+    /// read a script there, like `sfdisk`). The plan shows the input.
+    pub fn run_input<S: AsRef<OsStr>>(
+        &self,
+        prog: &str,
+        args: &[S],
+        input: &str,
+        ok_codes: &[i32],
+    ) -> Result<Output, CmdError> {
+        let line = format!("{} <<< {:?}", render(prog, args), input);
+        self.plan.lock().unwrap().push(line.clone());
+        if self.dry_run {
+            return Ok(Output { code: 0, stdout: String::new(), stderr: String::new() });
+        }
+        let out = exec_input(prog, args, Some(input))?;
+        if ok_codes.contains(&out.code) {
+            Ok(out)
+        } else {
+            Err(CmdError { cmdline: line, code: Some(out.code), stderr: pick_error_text(&out) })
+        }
+    }
+
     /// `run` with only exit code 0 accepted.
     pub fn run_ok<S: AsRef<OsStr>>(&self, prog: &str, args: &[S]) -> Result<Output, CmdError> {
         self.run(prog, args, &[0])
@@ -125,17 +147,29 @@ fn pick_error_text(out: &Output) -> String {
 
 /// Execute `prog args...` with `LC_ALL=C`, stdin closed, output captured.
 pub fn exec<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> Result<Output, CmdError> {
+    exec_input(prog, args, None)
+}
+
+/// [`exec`], optionally feeding `input` on stdin.
+fn exec_input<S: AsRef<OsStr>>(prog: &str, args: &[S], input: Option<&str>) -> Result<Output, CmdError> {
     let line = render(prog, args);
     tracing::debug!(command = %line, "running");
     let args: Vec<OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
-    let out = Command::new(prog)
-        .args(&args)
-        .env("LC_ALL", "C")
-        .env("LANG", "C")
-        .env("PATH", default_path())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| CmdError { cmdline: line.clone(), code: None, stderr: e.to_string() })?;
+    let mut cmd = Command::new(prog);
+    cmd.args(&args).env("LC_ALL", "C").env("LANG", "C").env("PATH", default_path());
+    let err = |e: std::io::Error| CmdError { cmdline: line.clone(), code: None, stderr: e.to_string() };
+    let out = match input {
+        None => cmd.stdin(Stdio::null()).output().map_err(err)?,
+        Some(text) => {
+            let mut child =
+                cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(err)?;
+            if let Some(mut stdin) = child.stdin.take() {
+                use std::io::Write;
+                let _ = stdin.write_all(text.as_bytes());
+            }
+            child.wait_with_output().map_err(err)?
+        }
+    };
     let code = out.status.code().unwrap_or(-1);
     let o = Output {
         code,
@@ -179,6 +213,14 @@ mod tests {
         let r = Runner::new(true);
         r.run_ok("false", &[] as &[&str]).unwrap();
         assert_eq!(r.plan(), vec!["false".to_string()]);
+    }
+
+    #[test]
+    fn run_input_feeds_stdin() {
+        let r = Runner::new(false);
+        let o = r.run_input("cat", &[] as &[&str], "hello", &[0]).unwrap();
+        assert_eq!(o.stdout, "hello");
+        assert!(r.plan()[0].starts_with("cat <<< "));
     }
 
     #[test]

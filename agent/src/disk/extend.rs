@@ -65,6 +65,30 @@ fn valid_lv(lv: &str) -> Option<(&str, &str)> {
     (ok(vg) && ok(l) && !vg.starts_with('-') && !l.starts_with('-')).then_some((vg, l))
 }
 
+/// A disk + number target whose partition is in the table but unknown to
+/// the kernel (dropped by a rescan, for example after a run was killed):
+/// tell the kernel about it (BLKPG) and wait for it. Returns whether it did.
+fn readd_partition(ctx: &JobContext, sys: &Sys, target: &Target) -> Result<bool> {
+    let Ok(Some((disk, n))) = super::target::disk_and_number(sys, target) else { return Ok(false) };
+    if sys.partition_by_number(&disk.name, n).is_some() || ctx.runner.dry_run() {
+        return Ok(false);
+    }
+    let node = s(&disk.node);
+    let Some(tab) = table::read(&ctx.runner, &node)? else { return Ok(false) };
+    if !tab.partitions.iter().any(|p| p.number == n) {
+        return Ok(false);
+    }
+    let _l = lock::lock(&disk.node, Duration::from_secs(30))?;
+    ctx.runner.run_ok("partx", &["--update", "--nr", &n.to_string(), &node]).map_err(|e| anyhow!("{e}"))?;
+    let ok = wait_until(Duration::from_secs(5), || {
+        sys.partition_by_number(&disk.name, n)
+            .and_then(|name| sys.block(&name).ok())
+            .map(|b| super::sysfs::is_block_node(&b.node))
+            .unwrap_or(false)
+    });
+    Ok(ok)
+}
+
 fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Value>) -> Result<JobResult> {
     let r = &ctx.runner;
     let sys = Sys::default();
@@ -75,7 +99,13 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
     let mounts = mount::mounts()?;
     let part = match resolve_target(&sys, &mounts, target) {
         Ok(b) => b,
-        Err(e) => return Ok(JobResult::refused(format!("{e:#}"))),
+        Err(e) => match readd_partition(ctx, &sys, target)? {
+            true => match resolve_target(&sys, &mounts, target) {
+                Ok(b) => b,
+                Err(e) => return Ok(JobResult::refused(format!("{e:#}"))),
+            },
+            false => return Ok(JobResult::refused(format!("{e:#}"))),
+        },
     };
     let disk = sys.block(&part.disk)?;
     let lbs = disk.logical_block_size;
@@ -178,15 +208,34 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
         if lim.growable_bytes > 0 {
             // growpart (cloud-utils >= 0.33) takes this very lock itself:
             // release ours for its run, or both would wait forever.
-            guard.take();
-            let out = r
-                .run("growpart", &["--update", "off", &disk_node, &n.to_string()], &[0, 1])
+            if lim.mbr_capped_bytes > 0 {
+                // growpart 0.33 sets the end one sector past the MBR limit
+                // and fails; write the capped size ourselves, keeping the
+                // start, type and flags (sfdisk -N changes only the size).
+                let size = lim.max_end - tp.start + 1;
+                r.run_input(
+                    "sfdisk",
+                    &["--no-reread", "--no-tell-kernel", "--force", "-N", &n.to_string(), &disk_node],
+                    &format!(", {size}\n"),
+                    &[0],
+                )
                 .map_err(|e| anyhow!("{e}"))?;
-            failpoint::hit("extend.after_growpart");
-            if out.code == 1 {
-                notes.push(format!("growpart: {}", out.stdout.trim()));
+                failpoint::hit("extend.after_growpart");
+            } else {
+                // growpart (cloud-utils >= 0.33) takes this very lock itself:
+                // release ours for its run, or both would wait forever.
+                guard.take();
+                let out = r
+                    .run("growpart", &["--update", "off", &disk_node, &n.to_string()], &[0, 1])
+                    .map_err(|e| anyhow!("{e}"))?;
+                failpoint::hit("extend.after_growpart");
+                if out.code == 1 {
+                    notes.push(format!("growpart: {}", out.stdout.trim()));
+                }
             }
-            guard = Some(lock::lock(&disk.node, Duration::from_secs(30))?);
+            if guard.is_none() {
+                guard = Some(lock::lock(&disk.node, Duration::from_secs(30))?);
+            }
             if r.dry_run() {
                 r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node]).map_err(|e| anyhow!("{e}"))?;
                 target_bytes = (lim.max_end - tp.start + 1) * lbs;
@@ -205,20 +254,25 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             // finishes a run killed between growpart and partx).
             let tab = table::read(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} lost its partition table"))?;
             let want = tab.partitions.iter().find(|x| x.number == n).map(|x| x.size * lbs).unwrap_or(0);
-            if sys.block(&part.name)?.size_bytes != want {
+            // The kernel's view of partition n (None: it dropped it, as a
+            // kernel without table parsers does after a capacity change).
+            let kernel_size =
+                || sys.partition_by_number(&disk.name, n).and_then(|name| sys.block(&name).ok()).map(|b| b.size_bytes);
+            if kernel_size() != Some(want) {
                 r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node]).map_err(|e| anyhow!("{e}"))?;
                 failpoint::hit("extend.after_partx");
-                let ok = wait_until(Duration::from_secs(5), || {
-                    sys.block(&part.name).map(|b| b.size_bytes == want).unwrap_or(false)
-                });
-                if !ok {
+                if !wait_until(Duration::from_secs(5), || kernel_size() == Some(want)) {
                     bail!(
-                        "the kernel still sees {part_node} as {} bytes after partx --update; the table says {want}",
-                        sys.block(&part.name)?.size_bytes
+                        "the kernel sees {part_node} as {:?} bytes after partx --update; the table says {want}",
+                        kernel_size()
                     );
                 }
+                let node = sys.block(&sys.partition_by_number(&disk.name, n).unwrap_or_default())?.node;
+                if !wait_until(Duration::from_secs(5), || super::sysfs::is_block_node(&node)) {
+                    bail!("{} did not reappear within 5 s", node.display());
+                }
             }
-            target_bytes = sys.block(&part.name)?.size_bytes;
+            target_bytes = kernel_size().unwrap_or(want);
             part_changed = target_bytes != part.size_bytes;
         }
         if lim.growable_bytes == 0 && !part_changed {

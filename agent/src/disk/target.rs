@@ -124,6 +124,18 @@ pub fn pick_partition(sys: &Sys, disk: Block, partition: Option<u32>) -> Result<
     }
 }
 
+/// For targets naming a disk and a partition number: the disk and the
+/// number (to re-add a partition the kernel dropped).
+pub fn disk_and_number(sys: &Sys, t: &Target) -> Result<Option<(Block, u32)>> {
+    let (disk, n) = match t {
+        Target::Device(p, Some(n)) => (sys.resolve_path(p, Duration::ZERO)?, *n),
+        Target::Serial(s, Some(n)) => (disk_by_serial(sys, s)?, *n),
+        Target::XenVbd(v, Some(n)) => (sys.resolve_path(&crate::xen::vbd::resolve_vbd(*v)?, Duration::ZERO)?, *n),
+        _ => return Ok(None),
+    };
+    Ok((!disk.is_partition()).then_some((disk, n)))
+}
+
 /// Resolve a target to the block device whose filesystem is to grow.
 pub fn resolve_target(sys: &Sys, mounts: &[Mount], t: &Target) -> Result<Block> {
     match t {
