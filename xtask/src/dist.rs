@@ -55,9 +55,13 @@ pub fn run(args: &[String]) -> Result<()> {
              (default: the last commit's time), so two runs give identical files.\n\
              --version V   package version (default: the workspace version); used to make N+1 for tests\n\
              --out DIR     output directory (default: target/dist)\n\
-             --binary PATH package this binary instead of building one"
+             --binary PATH package this binary instead of building one\n\n\
+             cargo xtask dist --check   run only the packaging checks (the tier of cargo xtask test)"
         );
         return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("--check") {
+        return crate::pkgtest::run(&args[1..]);
     }
     let mut version = workspace_version()?;
     let mut out = root().join("target/dist");
@@ -268,7 +272,7 @@ pub fn contents(fmt: Format, bin: &[u8], docs: &[(String, Vec<u8>)], opts: &Opts
                 data: read_pkg("common/xcp-vm-agent.init")?,
             });
             v.push(Item {
-                dest: format!("/usr/share/{NAME}/openrc/{NAME}"),
+                dest: format!("/usr/share/doc/{NAME}/examples/openrc-init"),
                 mode: 0o644,
                 data: read_pkg("common/xcp-vm-agent.openrc")?,
             });
@@ -309,6 +313,25 @@ pub fn contents(fmt: Format, bin: &[u8], docs: &[(String, Vec<u8>)], opts: &Opts
 /// gzip -n equivalent (no name, no time).
 fn gzip_n(data: &[u8]) -> Result<Vec<u8>> {
     apk::gzip(data)
+}
+
+/// Word-wrap to `width` columns (RPM descriptions).
+pub fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for w in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + w.len() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(w);
+    }
+    out.push_str(&line);
+    out
 }
 
 /// RFC 2822 date of a Unix time (UTC), for the Debian changelog.
@@ -459,11 +482,12 @@ path = "lib.rs"
 
 [package.metadata.deb]
 maintainer = {maint}
-copyright = "The xcp-vm-agent authors"
+copyright = "2025-2026 The xcp-vm-agent authors"
 revision = ""
 section = "admin"
 priority = "optional"
 depends = {depends}
+pre-depends = "init-system-helpers (>= 1.54~)"
 recommends = "logrotate"
 extended-description = {desc}
 maintainer-scripts = {scripts}
@@ -505,11 +529,16 @@ fn build_rpm(opts: &Opts, bin: &[u8], docs: &[(String, Vec<u8>)]) -> Result<Path
     b.using_config(cfg)
         .release("1")
         .url(URL)
-        .description(DESCRIPTION)
+        .description(wrap(DESCRIPTION, 76))
         .vendor("xcp-vm-agent")
         .packager(MAINTAINER)
         .group("System Environment/Daemons")
-        .build_host("localhost");
+        .build_host("localhost")
+        .add_changelog_entry(
+            format!("{MAINTAINER} - {}-1", opts.version),
+            format!("- Release {}, built by cargo xtask dist.", opts.version),
+            opts.epoch as u32,
+        );
     for it in contents(Format::Rpm, bin, docs, opts)? {
         let mut o = rpm::FileOptions::new(it.dest.clone()).permissions(it.mode as u16).user("root").group("root");
         if it.dest.starts_with(&format!("/etc/{NAME}/")) || it.dest.starts_with("/etc/logrotate.d/") {

@@ -208,9 +208,8 @@ fn lintian(deb: &Path) -> Result<()> {
 }
 
 fn rpmlint(rpm: &Path) -> Result<()> {
-    let rc = work().join("rpmlintrc");
-    std::fs::write(&rc, dist::read_pkg("rpm/rpmlintrc")?)?;
-    let out = Command::new("rpmlint").arg("-r").arg(&rc).arg(rpm).output().context("cannot run rpmlint")?;
+    let cfg = root().join("packaging/rpm/rpmlint.toml");
+    let out = Command::new("rpmlint").arg("-c").arg(&cfg).arg(rpm).output().context("cannot run rpmlint")?;
     let text = String::from_utf8_lossy(&out.stdout);
     eprint!("{text}{}", String::from_utf8_lossy(&out.stderr));
     if text.lines().any(|l| l.contains(": E: ")) {
@@ -285,7 +284,14 @@ fn empty_chroot(bin: &Path, version: &str) -> Result<()> {
     }
     std::fs::create_dir_all(&dir)?;
     std::fs::copy(bin, dir.join(NAME))?;
-    let out = Command::new("chroot").arg(&dir).arg(format!("/{NAME}")).arg("--version").env_clear().output()?;
+    let out = Command::new("chroot")
+        .arg(&dir)
+        .arg(format!("/{NAME}"))
+        .arg("--version")
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .context("cannot run chroot")?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success() && text.contains(version),
@@ -338,7 +344,7 @@ fn checkin_in_empty_chroot(dir: &Path) -> Result<()> {
         std::fs::write(dir.join("etc/hosts"), "127.0.0.1 localhost\n")?;
         let cfg = format!(
             r#"{{"server_url": "https://localhost:{port}", "client_cert": ["/pki/agent-cert.pem", "/pki/agent-key.pem"],
- "server_cert": "/pki/ca.pem", "state_dir": "/state", "log_file": "/agent.log", "fstab_path": "/fstab", "xenstore_publish": "off"}}"#
+ "server_cert": "/pki/ca.pem", "state_dir": "/state", "log_file": "/agent.log", "fstab_path": "/fstab", "xenstore_publish": "never"}}"#
         );
         std::fs::write(dir.join("config.json"), cfg)?;
         std::fs::create_dir_all(dir.join("state"))?;
@@ -346,7 +352,9 @@ fn checkin_in_empty_chroot(dir: &Path) -> Result<()> {
             .arg(dir)
             .args([&format!("/{NAME}"), "--config", "/config.json", "once"])
             .env_clear()
-            .output()?;
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .context("cannot run chroot")?;
         let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
         ensure!(
             out.status.success(),
@@ -520,7 +528,11 @@ fn rpm_lifecycle(base: &Path, rpm: &Path, rpm1: &Path, cfg1: &[u8]) -> Result<()
     let before = snapshot(&dir)?;
     let rpm_cmd = |args: &[&str], pkg: Option<&Path>| -> Result<String> {
         let mut c = Command::new("rpm");
-        c.arg("--root").arg(&dir).args(["--nodeps", "--noplugins"]).args(args);
+        c.arg("--root").arg(&dir);
+        if args != ["--initdb"] {
+            c.args(["--nodeps", "--noplugins"]);
+        }
+        c.args(args);
         if let Some(p) = pkg {
             c.arg(p);
         }
