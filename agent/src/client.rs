@@ -24,6 +24,7 @@ const SYSTEM_BUNDLES: &[&str] = &[
 pub struct Client {
     agent: ureq::Agent,
     base: String,
+    has_client_cert: bool,
 }
 
 /// Install the ring crypto provider once per process.
@@ -110,7 +111,7 @@ impl Client {
             .max_idle_age(Duration::from_secs(300))
             .build()
             .into();
-        Ok(Client { agent, base })
+        Ok(Client { agent, base, has_client_cert: cfg.client_cert.is_some() })
     }
 
     fn post<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(&self, path: &str, body: &Req) -> Result<Resp> {
@@ -121,14 +122,14 @@ impl Client {
             .post(&url)
             .header("content-type", "application/json")
             .send(&json[..])
-            .map_err(|e| anyhow!("cannot reach {url}: {}", explain(&e)))?;
+            .map_err(|e| anyhow!("cannot reach {url}: {}", explain(&e, self.has_client_cert)))?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
             .with_config()
             .limit(MAX_BODY_BYTES)
             .read_to_string()
-            .map_err(|e| anyhow!("reading the answer of {url} failed: {}", explain(&e)))?;
+            .map_err(|e| anyhow!("reading the answer of {url} failed: {}", explain(&e, self.has_client_cert)))?;
         if !(200..300).contains(&status) {
             let reason = serde_json::from_str::<crate::protocol::ErrorBody>(&text)
                 .map(|e| e.error)
@@ -167,7 +168,7 @@ fn snippet(s: &str) -> String {
 }
 
 /// One sentence for a transport error, naming TLS problems plainly.
-fn explain(e: &ureq::Error) -> String {
+fn explain(e: &ureq::Error, has_client_cert: bool) -> String {
     let s = e.to_string();
     let mut chain = s.clone();
     let mut src = std::error::Error::source(e);
@@ -182,6 +183,21 @@ fn explain(e: &ureq::Error) -> String {
     let low = chain.to_ascii_lowercase();
     if low.contains("unknownissuer") || low.contains("unknown issuer") || low.contains("invalid peer certificate") {
         format!("TLS: the server's certificate is not signed by a trusted CA (check server_cert): {chain}")
+    } else if low.contains("unknownca") || low.contains("badcertificate") || low.contains("bad certificate") {
+        format!(
+            "TLS: the server did not accept this agent's client certificate (not signed by a CA it trusts; check \
+             client_cert): {chain}"
+        )
+    } else if low.contains("broken pipe") || low.contains("connection reset") {
+        let why = if has_client_cert {
+            "it probably does not accept this agent's client certificate (check client_cert and the CA the server \
+             trusts)"
+        } else {
+            "it probably requires a client certificate, and none is configured (set client_cert)"
+        };
+        format!("the server dropped the connection right after the TLS handshake ({chain}); {why}")
+    } else if low.contains("close_notify") || low.contains("unexpectedeof") || low.contains("unexpected eof") {
+        "the server closed the connection without answering".to_string()
     } else if low.contains("certificaterequired")
         || low.contains("certificate required")
         || low.contains("handshake") && low.contains("alert")

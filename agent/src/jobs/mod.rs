@@ -16,8 +16,9 @@ use crate::runner::Runner;
 pub const OPERATIONS: &[&str] = &["RunScript", "ExtendPartition", "InitializeDisk"];
 
 /// A job as the server sends it, and as a job file for `exec --job` holds it.
+/// Unknown fields are ignored, so a later protocol version can add fields to
+/// a job without older agents refusing it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Job {
     pub id: String,
     pub operation: String,
@@ -136,7 +137,17 @@ impl JobContext {
 /// serde message (which names the field) when they do not fit.
 pub fn parse_params<T: serde::de::DeserializeOwned>(op: &str, params: &Value) -> Result<T, JobResult> {
     let v = if params.is_null() { Value::Object(Default::default()) } else { params.clone() };
-    serde_json::from_value(v).map_err(|e| JobResult::refused(format!("invalid parameters for {op}: {e}")))
+    // serde_path_to_error names the field of a type error ("timeout_seconds:
+    // invalid type: string, expected u64"), which serde alone does not.
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            JobResult::refused(format!("invalid parameters for {op}: {inner}"))
+        } else {
+            JobResult::refused(format!("invalid parameters for {op}: field `{path}`: {inner}"))
+        }
+    })
 }
 
 pub fn now_unix() -> u64 {
