@@ -205,11 +205,11 @@ pub fn read_pkg(rel: &str) -> Result<Vec<u8>> {
     std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))
 }
 
-/// Man page and shell completions from the agent's clap definition.
+/// Man page and shell completions from the agent's command table.
 pub fn generated_docs(version: &str) -> Result<Vec<(String, Vec<u8>)>> {
     use clap_complete::Shell;
     let version: &'static str = Box::leak(version.to_string().into_boxed_str());
-    let cmd = xcp_vm_agent::cli::command().version(version);
+    let cmd = crate::clidef::agent_command(version);
     let mut man = Vec::new();
     clap_mangen::Man::new(cmd.clone()).section("8").date("").render(&mut man)?;
     let mut out = vec![(format!("{NAME}.8"), man)];
@@ -252,7 +252,7 @@ pub fn contents(fmt: Format, bin: &[u8], docs: &[(String, Vec<u8>)], opts: &Opts
             data: doc(docs, &format!("completions/{NAME}.bash")),
         },
         Item {
-            dest: format!("/usr/share/zsh/vendor-completions/_{NAME}"),
+            dest: format!("{}/_{NAME}", zsh_dir(fmt)),
             mode: 0o644,
             data: doc(docs, &format!("completions/_{NAME}")),
         },
@@ -308,6 +308,15 @@ pub fn contents(fmt: Format, bin: &[u8], docs: &[(String, Vec<u8>)], opts: &Opts
         }
     }
     Ok(v)
+}
+
+/// Where zsh looks for vendor completions: Debian's own directory, else
+/// the one Fedora, SUSE and Alpine use.
+pub fn zsh_dir(fmt: Format) -> &'static str {
+    match fmt {
+        Format::Deb => "/usr/share/zsh/vendor-completions",
+        _ => "/usr/share/zsh/site-functions",
+    }
 }
 
 /// gzip -n equivalent (no name, no time).

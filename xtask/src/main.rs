@@ -4,6 +4,8 @@
 mod apk;
 mod apkcheck;
 mod bench;
+mod bench_disk;
+mod clidef;
 mod demo;
 mod dist;
 mod pkgtest;
