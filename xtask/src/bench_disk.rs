@@ -83,7 +83,10 @@ fn agent_exec(agent: &Path, dir: &Path, op: &str, params: serde_json::Value) -> 
     let job = dir.join("job.json");
     std::fs::write(&job, serde_json::json!({"id": "bench", "operation": op, "params": params}).to_string())?;
     let cfg = dir.join("config.json");
-    std::fs::write(&cfg, serde_json::json!({"state_dir": dir.join("state"), "fstab_path": dir.join("fstab")}).to_string())?;
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"state_dir": dir.join("state"), "fstab_path": dir.join("fstab")}).to_string(),
+    )?;
     let o = Command::new(agent)
         .args(["--config", cfg.to_str().unwrap(), "exec", "--job", job.to_str().unwrap(), "--fstab"])
         .arg(dir.join("fstab"))
@@ -130,7 +133,10 @@ pub fn measure(agent: &Path, dir: &Path) -> Result<(f64, f64)> {
                     sh("mkfs.ext4", &["-F", "-q", &l.part1()])?;
                     let uuid = sh("blkid", &["-p", "-o", "value", "-s", "UUID", &l.part1()])?;
                     std::fs::create_dir_all(&mp)?;
-                    std::fs::write(&fstab, format!("UUID={} {} ext4 defaults,nofail 0 2\n", uuid.trim(), mp.display()))?;
+                    std::fs::write(
+                        &fstab,
+                        format!("UUID={} {} ext4 defaults,nofail 0 2\n", uuid.trim(), mp.display()),
+                    )?;
                     sh("mount", &["--fstab", fstab.to_str().unwrap(), mp.to_str().unwrap()])?;
                     Ok(())
                 })?
