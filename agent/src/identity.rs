@@ -110,17 +110,9 @@ pub fn collect(root: &Path, xen: &XenFacts) -> Identity {
     let mut warnings = Vec::new();
     let hv: Vec<&SourceValue> = sources[..3].iter().filter(|s| s.value.is_some()).collect();
     let (vm_uuid, source) = if let Some(first) = hv.first() {
-        for other in &hv[1..] {
-            if other.value != first.value {
-                warnings.push(format!(
-                    "identity sources disagree: {} says {} but {} says {}; using {}",
-                    first.source,
-                    first.value.as_deref().unwrap_or(""),
-                    other.source,
-                    other.value.as_deref().unwrap_or(""),
-                    first.source
-                ));
-            }
+        let pairs: Vec<(&str, Option<&str>)> = hv.iter().map(|s| (s.source.as_str(), s.value.as_deref())).collect();
+        for w in crate::xen::cross_check(&pairs) {
+            warnings.push(format!("identity sources disagree: {w}; using {}", first.source));
         }
         (first.value.clone().unwrap(), first.source.clone())
     } else if let Some(m) = &sources[3].value {
