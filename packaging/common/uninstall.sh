@@ -106,6 +106,7 @@ if [ -r /run/$NAME.pid ]; then
 fi
 
 rm -f "$BIN" /usr/local/share/man/man8/$NAME.8
+rmdir /usr/local/share/man/man8 2>/dev/null || true
 if [ "$packaged" -eq 0 ]; then
     rm -f /etc/logrotate.d/$NAME
     rm -rf "/etc/${NAME:?}" "/var/lib/${NAME:?}"

@@ -67,7 +67,7 @@ pub fn run(_args: &[String]) -> Result<()> {
     util::run(&mut sc)?;
 
     step("packaging: systemd-analyze verify");
-    verify_unit()?;
+    let exposure = verify_unit()?;
 
     step("packaging: APK checker on Alpine's rssh-2.3.4-r3.apk and broken copies");
     prove_apk_checker()?;
@@ -131,7 +131,7 @@ pub fn run(_args: &[String]) -> Result<()> {
     step("packaging: install.sh / uninstall.sh in a chroot, per init system");
     tarball_install(&base, &tgz, &version)?;
 
-    write_figures(&n, &bin, target)?;
+    write_figures(&n, &bin, target, &exposure)?;
     step(&format!("packaging checks passed in {:.0} s", t0.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -146,7 +146,7 @@ fn next_version(v: &str) -> String {
 
 /// `systemd-analyze verify` in a scratch root that holds the unit and a
 /// binary at the path ExecStart names.
-fn verify_unit() -> Result<()> {
+fn verify_unit() -> Result<String> {
     let dir = work().join("verify");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -173,7 +173,20 @@ fn verify_unit() -> Result<()> {
         bail!("systemd-analyze verify {}:\n{}", unit.display(), problems.join("\n"));
     }
     eprintln!("    clean");
-    Ok(())
+    let sec = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .context("cannot run systemd-analyze security")?;
+    let text = String::from_utf8_lossy(&sec.stdout);
+    let score = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for").nth(1))
+        .and_then(|r| r.split(": ").nth(1))
+        .map(|s| s.trim().to_string())
+        .context("systemd-analyze security printed no exposure level")?;
+    eprintln!("    systemd-analyze security: exposure {score}");
+    Ok(score)
 }
 
 fn prove_apk_checker() -> Result<()> {
@@ -424,6 +437,8 @@ fn snapshot(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
         "/run",
         "/var/lib/rpm",
         "/usr/lib/sysimage",
+        // Debian's rpm keeps its database here.
+        "/root/.rpmdb",
     ];
     let mut set = std::collections::BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -529,7 +544,7 @@ fn rpm_lifecycle(base: &Path, rpm: &Path, rpm1: &Path, cfg1: &[u8]) -> Result<()
     let rpm_cmd = |args: &[&str], pkg: Option<&Path>| -> Result<String> {
         let mut c = Command::new("rpm");
         c.arg("--root").arg(&dir);
-        if args != ["--initdb"] {
+        if matches!(args.first(), Some(&"-i") | Some(&"-U") | Some(&"-e")) {
             c.args(["--nodeps", "--noplugins"]);
         }
         c.args(args);
@@ -659,8 +674,9 @@ fn tarball_install(base: &Path, tgz: &Path, version: &str) -> Result<()> {
     Ok(())
 }
 
-fn write_figures(n: &Opts, bin: &Path, target: &str) -> Result<()> {
+fn write_figures(n: &Opts, bin: &Path, target: &str, exposure: &str) -> Result<()> {
     let mut fig = serde_json::Map::new();
+    fig.insert("systemd_exposure".into(), exposure.into());
     fig.insert("target".into(), target.into());
     fig.insert("binary_bytes".into(), std::fs::metadata(bin)?.len().into());
     let version = &n.version;
