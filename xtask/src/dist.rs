@@ -141,15 +141,22 @@ pub fn build_binary(epoch: u64) -> Result<(PathBuf, &'static str)> {
         flags.push_str(" -C target-feature=+crt-static");
     }
     let var = format!("CARGO_TARGET_{}_RUSTFLAGS", target.to_uppercase().replace('-', "_"));
-    util::run(cargo().env(var, flags).env("SOURCE_DATE_EPOCH", epoch.to_string()).args([
-        "build",
-        "--release",
-        "-p",
-        NAME,
-        "--target",
-        target,
-    ]))?;
-    let bin = root().join("target").join(target).join("release").join(NAME);
+    // A target directory of its own: other builds in the shared target/
+    // (benchmarks, debug-info builds) cannot overwrite the release binary
+    // between build and packaging. Strip and no debug info, whatever the
+    // environment says.
+    let target_dir = root().join("target/dist-build");
+    util::run(
+        cargo()
+            .env(var, flags)
+            .env("SOURCE_DATE_EPOCH", epoch.to_string())
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env_remove("CARGO_PROFILE_RELEASE_DEBUG")
+            .env_remove("CARGO_PROFILE_RELEASE_STRIP")
+            .args(["build", "--release", "-p", NAME, "--target", target])
+            .args(["--config", "profile.release.strip=true", "--config", "profile.release.debug=false"]),
+    )?;
+    let bin = target_dir.join(target).join("release").join(NAME);
     if has_interpreter(&std::fs::read(&bin)?)? {
         bail!("{} is dynamically linked (it has a PT_INTERP program header)", bin.display());
     }
@@ -558,9 +565,17 @@ fn build_rpm(opts: &Opts, bin: &[u8], docs: &[(String, Vec<u8>)]) -> Result<Path
         }
         b.with_file_contents(it.data, o)?;
     }
-    for (dir, mode) in
-        [(format!("/etc/{NAME}"), 0o700), (format!("/var/lib/{NAME}"), 0o700), (format!("/var/log/{NAME}"), 0o750)]
-    {
+    // Our own directories, and the completion directories of shells we do
+    // not depend on (shared ownership, so rpm -e leaves nothing behind).
+    for (dir, mode) in [
+        (format!("/etc/{NAME}"), 0o700),
+        (format!("/var/lib/{NAME}"), 0o700),
+        (format!("/var/log/{NAME}"), 0o750),
+        ("/usr/share/zsh".to_string(), 0o755),
+        ("/usr/share/zsh/site-functions".to_string(), 0o755),
+        ("/usr/share/fish".to_string(), 0o755),
+        ("/usr/share/fish/vendor_completions.d".to_string(), 0o755),
+    ] {
         b.with_dir_entry(rpm::FileOptions::dir(dir).permissions(mode).user("root").group("root"))?;
     }
     b.post_install_script(rpm_script("post.sh")?)
