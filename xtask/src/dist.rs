@@ -125,6 +125,12 @@ fn musl_installed() -> bool {
 
 /// Build the release binary statically. Returns its path and the target used.
 pub fn build_binary(epoch: u64) -> Result<(PathBuf, &'static str)> {
+    build_binary_in(epoch, &root().join("target/dist-build"))
+}
+
+/// [`build_binary`] into a given target directory (the reproducibility
+/// check builds a second time elsewhere and compares).
+pub fn build_binary_in(epoch: u64, target_dir: &Path) -> Result<(PathBuf, &'static str)> {
     let target = if musl_installed() { MUSL } else { GNU };
     let how = if target == MUSL {
         "musl target".to_string()
@@ -145,12 +151,11 @@ pub fn build_binary(epoch: u64) -> Result<(PathBuf, &'static str)> {
     // (benchmarks, debug-info builds) cannot overwrite the release binary
     // between build and packaging. Strip and no debug info, whatever the
     // environment says.
-    let target_dir = root().join("target/dist-build");
     util::run(
         cargo()
             .env(var, flags)
             .env("SOURCE_DATE_EPOCH", epoch.to_string())
-            .env("CARGO_TARGET_DIR", &target_dir)
+            .env("CARGO_TARGET_DIR", target_dir)
             .env_remove("CARGO_PROFILE_RELEASE_DEBUG")
             .env_remove("CARGO_PROFILE_RELEASE_STRIP")
             .args(["build", "--release", "-p", NAME, "--target", target])

@@ -17,9 +17,9 @@
 //! The Debian chroot is made once by mmdebstrap (minbase plus the tools the
 //! package depends on, which proves those names exist in Debian) and cached as
 //! `target/pkgtest/debian-bookworm.tar`; each scenario unpacks a fresh copy.
-use crate::apkcheck;
 use crate::dist::{self, Opts, NAME};
 use crate::util::{self, in_ci, is_root, root, step};
+use crate::{apk, apkcheck};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -90,7 +90,11 @@ pub fn run(_args: &[String]) -> Result<()> {
         dist::package_all(o, &bin)?;
     }
 
-    step("packaging: reproducibility (two builds, byte-identical)");
+    step("packaging: reproducibility (binary built twice in two target dirs, packages built twice)");
+    let (bin2, _) = dist::build_binary_in(epoch, &root().join("target/dist-build-repro"))?;
+    let (h1, h2) = (apk::sha256_hex(&std::fs::read(&bin)?), apk::sha256_hex(&std::fs::read(&bin2)?));
+    ensure!(h1 == h2, "two builds of the binary differ: {} {h1} versus {} {h2}", bin.display(), bin2.display());
+    eprintln!("    binary identical: {h1}");
     let a = std::fs::read_to_string(n.out.join("SHA256SUMS"))?;
     let b = std::fs::read_to_string(n_again.out.join("SHA256SUMS"))?;
     if a != b {
