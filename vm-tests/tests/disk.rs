@@ -42,7 +42,11 @@ fn extend_case(fs: &str, label: &str, sector: u32, mounted: bool, how: &str) {
         _ => json!({"device": l.dev, "partition": 1}),
     };
     let a = Agent::new();
+    let dump_before = sh("sfdisk", &["--dump", &l.dev]);
     let mut o = a.exec("ExtendPartition", target.clone());
+    // The agent renders the dump from its one `sfdisk --json`: it must be
+    // what sfdisk itself prints.
+    assert_eq!(o.result["details"]["table_before"].as_str(), Some(dump_before.as_str()), "{o}");
     if mounted && fs != "xfs" && !can_resize_ext_online() {
         // Online ext growth needs CAP_SYS_RESOURCE, which this container
         // lacks: the agent must fail with resize2fs's own message after

@@ -4,7 +4,8 @@
 //!
 //! Order: resolve the target through sysfs; probe what is on it and refuse
 //! what cannot be grown (LUKS, unknown) before touching anything; lock the
-//! disk; read the table, refuse a partition in the way; growpart (NOCHANGE
+//! disk; read the table once (`sfdisk --json`, also rendered as the
+//! `sfdisk --dump` kept in the details), refuse a partition in the way; growpart (NOCHANGE
 //! is fine); tell the kernel about this one partition (`partx --update
 //! --nr`, BLKPG, never a whole-table re-read) and check sysfs sees it; then
 //! always the filesystem step, so a run killed between the two steps
@@ -180,10 +181,12 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
     if let Some(n) = part.partition {
         let mut guard = Some(lock::lock(&disk.node, Duration::from_secs(30))?);
         failpoint::hit("extend.after_lock");
-        let tab = table::read(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} has no partition table"))?;
+        // One `sfdisk --json` gives both the table and, rendered from it,
+        // the `sfdisk --dump` text kept to restore it by hand.
+        let (tab, dump) =
+            table::read_with_dump(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} has no partition table"))?;
         d.insert("partition_table".into(), json!(tab.label));
-        let dump = r.probe("sfdisk", &["--dump", &disk_node]).map_err(|e| anyhow!("{e}"))?;
-        d.insert("table_before".into(), json!(dump.stdout));
+        d.insert("table_before".into(), json!(dump));
         let tp = tab
             .partitions
             .iter()
@@ -195,6 +198,9 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
                 "{part_node} is a logical partition inside an MBR extended partition; growing it is not supported"
             )));
         }
+        // What the table says partition n should be once the kernel agrees:
+        // as read, or what growpart/sfdisk just wrote (no second table read).
+        let mut want_sectors = Some(tp.size);
         let disk_sectors = disk.size_bytes / lbs;
         let lim = table::grow_limit(&tab, n, disk_sectors, lbs).ok_or_else(|| anyhow!("partition {n} vanished"))?;
         d.insert("partition_growable_bytes".into(), json!(lim.growable_bytes));
@@ -221,6 +227,7 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
                 )
                 .map_err(|e| anyhow!("{e}"))?;
                 failpoint::hit("extend.after_growpart");
+                want_sectors = Some(size);
             } else {
                 // growpart (cloud-utils >= 0.33) takes this very lock itself:
                 // release ours for its run, or both would wait forever.
@@ -231,6 +238,10 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
                 failpoint::hit("extend.after_growpart");
                 if out.code == 1 {
                     notes.push(format!("growpart: {}", out.stdout.trim()));
+                } else {
+                    // Its CHANGED line has the new size; should it ever not
+                    // parse, the table is read again below.
+                    want_sectors = table::parse_growpart_new_size(&out.stdout, tp.start);
                 }
             }
             if guard.is_none() {
@@ -252,8 +263,14 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
         if !r.dry_run() {
             // Make the kernel see this partition's size from the table (also
             // finishes a run killed between growpart and partx).
-            let tab = table::read(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} lost its partition table"))?;
-            let want = tab.partitions.iter().find(|x| x.number == n).map(|x| x.size * lbs).unwrap_or(0);
+            let want = match want_sectors {
+                Some(w) => w * lbs,
+                None => {
+                    let tab =
+                        table::read(r, &disk_node)?.ok_or_else(|| anyhow!("{disk_node} lost its partition table"))?;
+                    tab.partitions.iter().find(|x| x.number == n).map(|x| x.size * lbs).unwrap_or(0)
+                }
+            };
             // The kernel's view of partition n (None: it dropped it, as a
             // kernel without table parsers does after a capacity change).
             let kernel_size =

@@ -70,8 +70,78 @@ pub fn parse_sfdisk_json(text: &str, disk_path: &str) -> Result<Table> {
     Ok(Table { label, partitions })
 }
 
-/// The table on `disk_path`, or None when it has none.
-pub fn read(runner: &Runner, disk_path: &str) -> Result<Option<Table>> {
+/// Escape a dump string value as sfdisk does: quote, backslash and
+/// anything not printable as `\xNN`.
+fn dump_quote(s: &str) -> String {
+    let mut o = String::from("\"");
+    for b in s.bytes() {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            o.push_str(&format!("\\x{b:02x}"));
+        } else {
+            o.push(b as char);
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// Render `sfdisk --json` output as `sfdisk --dump` text: the same table in
+/// the form `sfdisk DISK < dump` restores, without running sfdisk twice.
+pub fn render_dump(text: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("cannot parse sfdisk --json output: {e}"))?;
+    let pt = v.get("partitiontable").ok_or_else(|| anyhow!("sfdisk --json output has no partitiontable"))?;
+    let field = |k: &str| -> Option<String> {
+        match pt.get(k)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    };
+    let mut o = String::new();
+    for (k, name) in [
+        ("label", "label"),
+        ("id", "label-id"),
+        ("device", "device"),
+        ("unit", "unit"),
+        ("firstlba", "first-lba"),
+        ("lastlba", "last-lba"),
+        ("sectorsize", "sector-size"),
+    ] {
+        if let Some(x) = field(k) {
+            o.push_str(&format!("{name}: {x}\n"));
+        }
+    }
+    o.push('\n');
+    for p in pt.get("partitions").and_then(Value::as_array).into_iter().flatten() {
+        let num = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let st = |k: &str| p.get(k).and_then(Value::as_str);
+        o.push_str(&format!(
+            "{} : start={:>12}, size={:>12}, type={}",
+            st("node").unwrap_or(""),
+            num("start"),
+            num("size"),
+            st("type").unwrap_or("")
+        ));
+        if let Some(u) = st("uuid") {
+            o.push_str(&format!(", uuid={u}"));
+        }
+        if let Some(n) = st("name") {
+            o.push_str(&format!(", name={}", dump_quote(n)));
+        }
+        if let Some(a) = st("attrs") {
+            o.push_str(&format!(", attrs={}", dump_quote(a)));
+        }
+        if p.get("bootable").and_then(Value::as_bool) == Some(true) {
+            o.push_str(", bootable");
+        }
+        o.push('\n');
+    }
+    Ok(o)
+}
+
+/// The table on `disk_path` and its `sfdisk --dump` form (rendered from the
+/// same one `sfdisk --json` run), or None when it has none.
+pub fn read_with_dump(runner: &Runner, disk_path: &str) -> Result<Option<(Table, String)>> {
     let out = runner.probe("sfdisk", &["--json", disk_path]).map_err(|e| anyhow!("{e}"))?;
     if out.code != 0 {
         if out.stderr.contains("does not contain a recognized partition table") {
@@ -79,7 +149,28 @@ pub fn read(runner: &Runner, disk_path: &str) -> Result<Option<Table>> {
         }
         return Err(anyhow!("`sfdisk --json {disk_path}` exited with {}: {}", out.code, out.stderr.trim()));
     }
-    parse_sfdisk_json(&out.stdout, disk_path).map(Some)
+    let table = parse_sfdisk_json(&out.stdout, disk_path)?;
+    let dump = render_dump(&out.stdout)?;
+    Ok(Some((table, dump)))
+}
+
+/// The table on `disk_path`, or None when it has none.
+pub fn read(runner: &Runner, disk_path: &str) -> Result<Option<Table>> {
+    Ok(read_with_dump(runner, disk_path)?.map(|(t, _)| t))
+}
+
+/// The new size in logical sectors from growpart's `CHANGED: partition=N
+/// start=S old: size=A end=B new: size=C end=D` line, when its start is
+/// `start` (a sanity check on the parse).
+pub fn parse_growpart_new_size(stdout: &str, start: u64) -> Option<u64> {
+    let line = stdout.lines().find(|l| l.trim_start().starts_with("CHANGED:"))?;
+    let num = |after: &str, key: &str| -> Option<u64> {
+        let rest = &line[line.find(after)? + after.len()..];
+        let w = rest.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+        w.parse().ok()
+    };
+    (num("CHANGED:", "start=")? == start).then_some(())?;
+    num("new:", "size=")
 }
 
 /// MBR extended-container types.
@@ -165,6 +256,39 @@ mod tests {
 
     fn t() -> Table {
         parse_sfdisk_json(GPT, "/dev/loop0").unwrap()
+    }
+
+    #[test]
+    fn dump_is_rendered_from_the_json() {
+        let gpt = r#"{"partitiontable": {"label": "gpt", "id": "6F43", "device": "/dev/loop1", "unit": "sectors",
+          "firstlba": 34, "lastlba": 131038, "sectorsize": 512, "partitions": [
+          {"node": "/dev/loop1p1", "start": 2048, "size": 8192, "type": "0FC6", "uuid": "09A0",
+           "name": "my \"q\" name", "attrs": "LegacyBIOSBootable GUID:60"},
+          {"node": "/dev/loop1p2", "start": 10240, "size": 8192, "type": "0FC6", "uuid": "18C2"}]}}"#;
+        assert_eq!(
+            render_dump(gpt).unwrap(),
+            "label: gpt\nlabel-id: 6F43\ndevice: /dev/loop1\nunit: sectors\nfirst-lba: 34\nlast-lba: 131038\n\
+             sector-size: 512\n\n\
+             /dev/loop1p1 : start=        2048, size=        8192, type=0FC6, uuid=09A0, name=\"my \\x22q\\x22 name\", \
+             attrs=\"LegacyBIOSBootable GUID:60\"\n\
+             /dev/loop1p2 : start=       10240, size=        8192, type=0FC6, uuid=18C2\n"
+        );
+        let dos = r#"{"partitiontable": {"label": "dos", "id": "0x9a5c0606", "device": "/dev/loop1",
+          "unit": "sectors", "sectorsize": 512, "partitions": [
+          {"node": "/dev/loop1p1", "start": 2048, "size": 20480, "type": "83", "bootable": true}]}}"#;
+        assert_eq!(
+            render_dump(dos).unwrap(),
+            "label: dos\nlabel-id: 0x9a5c0606\ndevice: /dev/loop1\nunit: sectors\nsector-size: 512\n\n\
+             /dev/loop1p1 : start=        2048, size=       20480, type=83, bootable\n"
+        );
+    }
+
+    #[test]
+    fn growpart_changed_line_gives_the_new_size() {
+        let out = "CHANGED: partition=1 start=2048 old: size=1048576 end=1050623 new: size=2095071 end=2097118\n";
+        assert_eq!(parse_growpart_new_size(out, 2048), Some(2095071));
+        assert_eq!(parse_growpart_new_size(out, 4096), None);
+        assert_eq!(parse_growpart_new_size("NOCHANGE: partition 1 is size 10. it cannot be grown\n", 2048), None);
     }
 
     #[test]

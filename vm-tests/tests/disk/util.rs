@@ -73,6 +73,12 @@ impl Loop {
         let dev =
             sh("losetup", &["--find", "--show", "--partscan", "-b", &b, file.to_str().unwrap()]).trim().to_string();
         let name = dev.trim_start_matches("/dev/").to_string();
+        // The kernel keeps a `blockdev --setro` across detach and reattach:
+        // a loop device left read-only by an earlier run would turn every
+        // later test on it into a "read-only" refusal.
+        if std::fs::read_to_string(format!("/sys/block/{name}/ro")).map(|s| s.trim() == "1").unwrap_or(false) {
+            sh("blockdev", &["--setrw", &dev]);
+        }
         Loop { dev, name, file, dir, vgs: Default::default() }
     }
 
@@ -162,6 +168,8 @@ impl Drop for Loop {
         for vg in self.vgs.borrow().iter() {
             let _ = Command::new("vgremove").args(["-f", "-y", vg]).output();
         }
+        // Undo a --setro (the kernel would keep it for the next user).
+        let _ = Command::new("blockdev").args(["--setrw", &self.dev]).status();
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }
