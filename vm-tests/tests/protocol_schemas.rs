@@ -99,5 +99,8 @@ fn job_files_deserialize_like_server_jobs() {
     let text = r#"{"id": "j1", "operation": "RunScript", "params": {"script": "echo hi"}}"#;
     let j: Job = serde_json::from_str(text).unwrap();
     checker().validate("job.json", &serde_json::to_value(&j).unwrap()).unwrap();
-    assert!(serde_json::from_str::<Job>(r#"{"id": "j1", "operation": "RunScript", "x": 1}"#).is_err());
+    // A field a later protocol version adds is ignored, not a reason to refuse.
+    let later: Job = serde_json::from_str(r#"{"id": "j1", "operation": "RunScript", "priority": 1}"#).unwrap();
+    assert_eq!((later.id.as_str(), later.operation.as_str()), ("j1", "RunScript"));
+    assert!(serde_json::from_str::<Job>(r#"{"operation": "RunScript"}"#).is_err(), "a job needs an id");
 }
