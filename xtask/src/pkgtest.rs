@@ -380,7 +380,9 @@ fn checkin_in_empty_chroot(dir: &Path) -> Result<()> {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!("    checked in by host name: https://localhost:{port}");
+        let agents = std::fs::read_dir(state.join("agents")).map(|d| d.count()).unwrap_or(0);
+        ensure!(agents > 0, "`{NAME} once` exited 0 but mgmt-server recorded no agent in {}", state.display());
+        eprintln!("    checked in by host name: https://localhost:{port} (mgmt-server recorded the agent)");
         Ok(())
     })();
     let _ = child.kill();
