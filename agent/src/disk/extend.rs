@@ -384,11 +384,14 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
     if r.dry_run() {
         return Ok(JobResult::succeeded(format!("dry run: plan for {part_node} ({fstype}) computed{tail}")));
     }
-    if part_changed || fs_changed {
+    if part_changed {
         Ok(JobResult::succeeded(format!(
             "{part_node} grown from {} to {target_bytes} bytes; {what}{tail}",
             part.size_bytes
         )))
+    } else if fs_changed {
+        // A rerun finishing the filesystem step of an earlier run.
+        Ok(JobResult::succeeded(format!("{what}; {part_node} was already {target_bytes} bytes{tail}")))
     } else {
         Ok(JobResult::no_change(format!("nothing to grow: {what}{tail}")))
     }
