@@ -5,7 +5,48 @@
 //! packaging checks. In CI (`CI=true`) a tier that cannot run is a failure,
 //! never a skip.
 use crate::util::{self, cargo, in_ci, is_root, step};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+/// Passed and failed test counts, summed over every `cargo test` run.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Run `cargo test ...`, passing its output through, and add up its
+    /// `test result:` lines.
+    fn cargo_test(&mut self, cmd: &mut Command) -> Result<()> {
+        let line = format!("{cmd:?}");
+        eprintln!("    $ {line}");
+        let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {line}"))?;
+        for l in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let l = l?;
+            println!("{l}");
+            if let Some((p, f)) = parse_result(&l) {
+                self.passed += p;
+                self.failed += f;
+            }
+        }
+        let st = child.wait()?;
+        if !st.success() {
+            println!("{} passed, {} failed", self.passed, self.failed.max(1));
+            bail!("{line} failed with {st}");
+        }
+        Ok(())
+    }
+}
+
+/// (passed, failed) from a `test result: ok. 5 passed; 0 failed; ...` line.
+fn parse_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let rest = rest.trim_start_matches("ok. ").trim_start_matches("FAILED. ");
+    let num = |word: &str| rest.split(';').find_map(|p| p.trim().strip_suffix(word)?.trim().parse().ok());
+    Some((num(" passed")?, num(" failed")?))
+}
 
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -20,12 +61,13 @@ pub fn run(args: &[String]) -> Result<()> {
     step("fmt: cargo fmt --check");
     util::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
+    let mut tally = Tally::default();
     step("unit and integration tests: cargo test --workspace");
-    util::run(cargo().args(["test", "--workspace", "--all-targets"]))?;
+    tally.cargo_test(cargo().args(["test", "--workspace", "--all-targets"]))?;
 
     if is_root() {
         step("root tier: loop devices (XCP_TEST_ROOT=1)");
-        util::run(cargo().env("XCP_TEST_ROOT", "1").args([
+        tally.cargo_test(cargo().env("XCP_TEST_ROOT", "1").args([
             "test",
             "-p",
             "vm-tests",
@@ -43,6 +85,26 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     step("packaging checks");
-    crate::pkgtest::run(&[])?;
+    if let Err(e) = crate::pkgtest::run(&[]) {
+        println!("{} passed, 1 failed", tally.passed);
+        return Err(e);
+    }
+    // The plain closing line: every cargo test counted, plus the packaging tier.
+    step("all tiers passed");
+    println!("{} passed, {} failed", tally.passed + 1, tally.failed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_cargo_test_summaries() {
+        let p = super::parse_result;
+        assert_eq!(
+            p("test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 4s"),
+            Some((16, 0))
+        );
+        assert_eq!(p("test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"), Some((3, 1)));
+        assert_eq!(p("running 3 tests"), None);
+    }
 }
