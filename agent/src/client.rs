@@ -2,15 +2,18 @@
 //! roots, optional client certificate), check-in with long-poll, and result
 //! delivery. Errors are turned into one clear sentence naming what failed.
 //!
-//! ureq (blocking, rustls with the ring provider) keeps one connection alive
-//! between check-ins, so an idle check-in costs no TLS handshake.
-use anyhow::{anyhow, bail, Context, Result};
+//! The transport is our own small HTTP/1.1 client (`crate::http`, rustls with
+//! the ring provider). It keeps one connection alive between check-ins, so an
+//! idle check-in costs no TLS handshake.
+use anyhow::{anyhow, bail, Result};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::http::{Failure, Https, Proxy, Target, Timeouts};
 use crate::protocol::{CheckIn, ResultsAck, ResultsReport, CHECKIN_PATH, MAX_BODY_BYTES, RESULTS_PATH};
-use ureq::tls::{Certificate, ClientCert, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 /// System CA bundles, as the common distributions lay them out.
 const SYSTEM_BUNDLES: &[&str] = &[
@@ -22,8 +25,7 @@ const SYSTEM_BUNDLES: &[&str] = &[
 ];
 
 pub struct Client {
-    agent: ureq::Agent,
-    base: String,
+    http: Https,
     has_client_cert: bool,
 }
 
@@ -32,38 +34,32 @@ pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn read_pem(path: &Path, what: &str) -> Result<Vec<PemItem<'static>>> {
-    let data = std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
-    let items: Vec<PemItem<'static>> = ureq::tls::parse_pem(&data)
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| anyhow!("{what} {} is not valid PEM: {e}", path.display()))?;
-    Ok(items)
+fn pem_error(path: &Path, what: &str, e: rustls::pki_types::pem::Error) -> anyhow::Error {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => anyhow!("cannot read {what} {}: {e}", path.display()),
+        e => anyhow!("{what} {} is not valid PEM: {e}", path.display()),
+    }
 }
 
-fn certs_of(items: &[PemItem<'static>]) -> Vec<Certificate<'static>> {
-    items
-        .iter()
-        .filter_map(|i| match i {
-            PemItem::Certificate(c) => Some(c.clone()),
-            _ => None,
-        })
-        .collect()
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(path).and_then(|certs| certs.collect()).map_err(|e| pem_error(path, what, e))
 }
 
-fn root_certs(cfg: &Config) -> Result<RootCerts> {
+fn root_certs(cfg: &Config) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = &cfg.server_cert {
-        let certs = certs_of(&read_pem(ca, "server_cert CA bundle")?);
-        if certs.is_empty() {
+        let (added, _) = roots.add_parsable_certificates(read_certs(ca, "server_cert CA bundle")?);
+        if added == 0 {
             bail!("server_cert {} holds no certificate", ca.display());
         }
-        return Ok(RootCerts::new_with_certs(&certs));
+        return Ok(roots);
     }
     for b in SYSTEM_BUNDLES {
         let p = Path::new(b);
         if p.is_file() {
-            let certs = certs_of(&read_pem(p, "system CA bundle")?);
-            if !certs.is_empty() {
-                return Ok(RootCerts::new_with_certs(&certs));
+            let (added, _) = roots.add_parsable_certificates(read_certs(p, "system CA bundle")?);
+            if added > 0 {
+                return Ok(roots);
             }
         }
     }
@@ -74,62 +70,51 @@ fn root_certs(cfg: &Config) -> Result<RootCerts> {
     )
 }
 
-fn client_cert(cfg: &Config) -> Result<Option<ClientCert>> {
-    let Some((cert, key)) = &cfg.client_cert else { return Ok(None) };
+fn tls_config(cfg: &Config) -> Result<rustls::ClientConfig> {
+    let b = rustls::ClientConfig::builder().with_root_certificates(root_certs(cfg)?);
+    let Some((cert, key)) = &cfg.client_cert else { return Ok(b.with_no_client_auth()) };
     crate::config::check_key_permissions(key)?;
-    let chain = certs_of(&read_pem(cert, "client certificate")?);
+    let chain = read_certs(cert, "client certificate")?;
     if chain.is_empty() {
         bail!("client certificate file {} holds no certificate", cert.display());
     }
-    let key_item = read_pem(key, "client key")?.into_iter().find_map(|i| match i {
-        PemItem::PrivateKey(k) => Some(k),
-        _ => None,
-    });
-    let Some(k) = key_item else { bail!("client key file {} holds no private key", key.display()) };
-    Ok(Some(ClientCert::new_with_certs(&chain, k)))
+    let k = match PrivateKeyDer::from_pem_file(key) {
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => {
+            bail!("client key file {} holds no private key", key.display())
+        }
+        r => r.map_err(|e| pem_error(key, "client key", e))?,
+    };
+    b.with_client_auth_cert(chain, k).map_err(|e| {
+        anyhow!("client certificate {} and key {} cannot be used together: {e}", cert.display(), key.display())
+    })
 }
 
 impl Client {
     pub fn new(cfg: &Config) -> Result<Client> {
         init_crypto();
-        let base = cfg.require_server()?.to_string();
-        let tls = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            .root_certs(root_certs(cfg)?)
-            .client_cert(client_cert(cfg)?)
-            .build();
-        let wait = Duration::from_secs(cfg.long_poll_seconds);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .user_agent(format!("xcp-vm-agent/{}", crate::VERSION))
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_send_request(Some(Duration::from_secs(30)))
-            .timeout_recv_response(Some(wait + Duration::from_secs(30)))
-            .timeout_recv_body(Some(Duration::from_secs(60)))
-            .max_idle_connections(2)
-            .max_idle_age(Duration::from_secs(300))
-            .build()
-            .into();
-        Ok(Client { agent, base, has_client_cert: cfg.client_cert.is_some() })
+        let target = Target::parse(cfg.require_server()?)?;
+        let proxy = Proxy::from_env(&target.host)?;
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(15),
+            send: Duration::from_secs(30),
+            head: Duration::from_secs(cfg.long_poll_seconds + 30),
+            body: Duration::from_secs(60),
+        };
+        let ua = format!("xcp-vm-agent/{}", crate::VERSION);
+        let http = Https::new(target, proxy, Arc::new(tls_config(cfg)?), ua, timeouts)?;
+        Ok(Client { http, has_client_cert: cfg.client_cert.is_some() })
     }
 
     fn post<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(&self, path: &str, body: &Req) -> Result<Resp> {
-        let url = format!("{}{}", self.base, path);
+        let url = self.http.url(path);
         let json = serde_json::to_vec(body)?;
-        let mut resp = self
-            .agent
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(&json[..])
-            .map_err(|e| anyhow!("cannot reach {url}: {}", explain(&e, self.has_client_cert)))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_BODY_BYTES)
-            .read_to_string()
-            .map_err(|e| anyhow!("reading the answer of {url} failed: {}", explain(&e, self.has_client_cert)))?;
+        let (status, bytes) = self.http.post(path, "application/json", &json, MAX_BODY_BYTES).map_err(|f| match f {
+            Failure::Reach(e) => anyhow!("cannot reach {url}: {}", explain(&e, self.has_client_cert, false)),
+            Failure::Body(e) => {
+                anyhow!("reading the answer of {url} failed: {}", explain(&e, self.has_client_cert, true))
+            }
+        })?;
+        let text = String::from_utf8_lossy(&bytes);
         if !(200..300).contains(&status) {
             let reason = serde_json::from_str::<crate::protocol::ErrorBody>(&text)
                 .map(|e| e.error)
@@ -168,18 +153,9 @@ fn snippet(s: &str) -> String {
 }
 
 /// One sentence for a transport error, naming TLS problems plainly.
-fn explain(e: &ureq::Error, has_client_cert: bool) -> String {
-    let s = e.to_string();
-    let mut chain = s.clone();
-    let mut src = std::error::Error::source(e);
-    while let Some(x) = src {
-        let t = x.to_string();
-        if !chain.contains(&t) {
-            chain.push_str(": ");
-            chain.push_str(&t);
-        }
-        src = x.source();
-    }
+/// `in_body`: the answer had started when it happened.
+fn explain(e: &anyhow::Error, has_client_cert: bool, in_body: bool) -> String {
+    let chain = format!("{e:#}");
     let low = chain.to_ascii_lowercase();
     if low.contains("unknownissuer") || low.contains("unknown issuer") || low.contains("invalid peer certificate") {
         format!("TLS: the server's certificate is not signed by a trusted CA (check server_cert): {chain}")
@@ -188,7 +164,7 @@ fn explain(e: &ureq::Error, has_client_cert: bool) -> String {
             "TLS: the server did not accept this agent's client certificate (not signed by a CA it trusts; check \
              client_cert): {chain}"
         )
-    } else if low.contains("broken pipe") || low.contains("connection reset") {
+    } else if !in_body && (low.contains("broken pipe") || low.contains("connection reset")) {
         let why = if has_client_cert {
             "it probably does not accept this agent's client certificate (check client_cert and the CA the server \
              trusts)"
@@ -197,7 +173,11 @@ fn explain(e: &ureq::Error, has_client_cert: bool) -> String {
         };
         format!("the server dropped the connection right after the TLS handshake ({chain}); {why}")
     } else if low.contains("close_notify") || low.contains("unexpectedeof") || low.contains("unexpected eof") {
-        "the server closed the connection without answering".to_string()
+        if in_body {
+            "the server closed the connection in the middle of its answer".to_string()
+        } else {
+            crate::http::CLOSED_WITHOUT_ANSWER.to_string()
+        }
     } else if low.contains("certificaterequired")
         || low.contains("certificate required")
         || low.contains("handshake") && low.contains("alert")
