@@ -164,6 +164,11 @@ fn explain(e: &anyhow::Error, has_client_cert: bool, in_body: bool) -> String {
             "TLS: the server did not accept this agent's client certificate (not signed by a CA it trusts; check \
              client_cert): {chain}"
         )
+    } else if low.contains("tls handshake failed") && (low.contains("connection reset") || low.contains("broken pipe"))
+    {
+        // Dropped before the handshake finished: a server going down, or
+        // something on the port that does not speak TLS.
+        format!("the server reset the connection during the TLS handshake (stopping, or not a TLS server): {chain}")
     } else if !in_body && (low.contains("broken pipe") || low.contains("connection reset")) {
         let why = if has_client_cert {
             "it probably does not accept this agent's client certificate (check client_cert and the CA the server \

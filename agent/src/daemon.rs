@@ -80,7 +80,13 @@ pub struct Agent {
     sampler: crate::metrics::Sampler,
     pub shared: Arc<Shared>,
     identity: crate::identity::Identity,
+    /// The disk inventory and when it was taken; refreshed at most every
+    /// [`INVENTORY_MAX_AGE`], and after every job.
+    inventory: Option<(Instant, Value)>,
 }
+
+/// How long a disk inventory is reused between check-ins.
+const INVENTORY_MAX_AGE: Duration = Duration::from_secs(300);
 
 impl Agent {
     pub fn new(cfg: Config, shared: Arc<Shared>) -> Result<Agent> {
@@ -90,10 +96,23 @@ impl Agent {
         for w in &identity.warnings {
             tracing::warn!("{w}");
         }
-        Ok(Agent { cfg, client, state, sampler: Default::default(), shared, identity })
+        Ok(Agent { cfg, client, state, sampler: Default::default(), shared, identity, inventory: None })
+    }
+
+    fn current_inventory(&mut self) -> Value {
+        let fresh = self.inventory.as_ref().is_some_and(|(t, _)| t.elapsed() < INVENTORY_MAX_AGE);
+        if !fresh {
+            let inv = crate::disk::inventory().unwrap_or_else(|e| {
+                tracing::warn!("check-in without a disk inventory: {e:#}");
+                Value::Null
+            });
+            self.inventory = Some((Instant::now(), inv));
+        }
+        self.inventory.as_ref().map(|(_, v)| v.clone()).unwrap_or(Value::Null)
     }
 
     fn checkin_message(&mut self, wait_seconds: u64) -> CheckIn {
+        let inventory = self.current_inventory();
         CheckIn {
             protocol_version: PROTOCOL_VERSION,
             agent_version: crate::VERSION.to_string(),
@@ -102,7 +121,7 @@ impl Agent {
             capabilities: self.cfg.allowed_operations.clone(),
             metrics: serde_json::to_value(self.sampler.sample()).unwrap_or(Value::Null),
             network: serde_json::to_value(crate::metrics::network()).unwrap_or(Value::Null),
-            inventory: Value::Null,
+            inventory,
             wait_seconds,
             pending_results: self.state.pending_count() as u64,
         }
@@ -202,6 +221,8 @@ impl Agent {
         let r = jobs::execute(&ctx, &job, &self.cfg.allowed_operations);
         tracing::info!(job = %job.id, status = r.status.as_str(), "job finished: {}", r.message);
         self.state.finish(&r)?;
+        // A job may have changed the disks: take a new inventory next time.
+        self.inventory = None;
         self.shared.health.lock().unwrap().jobs_run += 1;
         Ok(())
     }

@@ -591,3 +591,63 @@ fn daemon_picks_up_a_job_at_once_through_long_poll() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
 }
+
+/// GET a path from the agent's plain-HTTP status endpoint: (status, body).
+fn status_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("status endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let code = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The optional local status endpoint: /health follows the server's
+/// reachability, /metrics speaks Prometheus text.
+#[test]
+fn status_endpoint_reports_health_and_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut s =
+        setup("status", json!({"status_listen": addr.to_string(), "long_poll_seconds": 1, "check_in_interval": 1}));
+    let mut d = s.w.spawn_agent(&s.agent, &["run"]);
+    let admin = s.server.admin();
+    assert!(
+        wait_for(Duration::from_secs(60), || (admin.checkin_count(&s.vm) >= 1).then_some(())).is_some(),
+        "the daemon never checked in"
+    );
+    let health = wait_for(Duration::from_secs(30), || {
+        let (code, body) = status_get(addr, "/health");
+        (code == 200).then_some(body)
+    })
+    .expect("/health never answered 200 after a successful check-in");
+    let h: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(h["healthy"], true, "{h}");
+    assert!(h["last_successful_checkin"].as_u64().unwrap() > 0, "{h}");
+    assert_eq!(h["pending_results"], 0, "{h}");
+    let (code, metrics) = status_get(addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("# TYPE xcp_vm_agent_memory_total_kb gauge"), "{metrics}");
+    assert!(metrics.contains("xcp_vm_agent_load_average{window=\"1m\"}"), "{metrics}");
+    assert_eq!(status_get(addr, "/nope").0, 404);
+    // The check-in carried the disk inventory (the same as `inventory --json`).
+    let agents = admin.agents();
+    let list = agents.get("agents").cloned().unwrap_or(agents);
+    let me = list.as_array().unwrap().iter().find(|a| a["vm_uuid"] == s.vm.as_str()).cloned().unwrap();
+    assert!(me["inventory"]["disks"].is_array(), "no inventory in the check-in: {me:#}");
+    // Server gone: /health turns 503 and says why.
+    s.server.kill();
+    let sick = wait_for(Duration::from_secs(60), || {
+        let (code, body) = status_get(addr, "/health");
+        (code == 503).then_some(body)
+    })
+    .expect("/health stayed healthy with the server gone");
+    let h: Value = serde_json::from_str(&sick).unwrap();
+    assert_eq!(h["healthy"], false);
+    let err = h["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("127.0.0.1") && !err.contains("client certificate"), "{h}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
+}

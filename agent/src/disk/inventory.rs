@@ -35,9 +35,30 @@ fn fs_info(r: &Runner, b: &Block, mounts: &[Mount], room_after: u64) -> Value {
     })
 }
 
-/// The inventory of this machine's disks, as JSON.
+/// The inventory of this machine's disks, as JSON, with each disk's Xen
+/// VBD number where the guest is on Xen (and every VBD under `xen_vbds`).
 pub fn inventory() -> Result<Value> {
-    inventory_with(&Sys::default(), &Runner::new(false))
+    let mut inv = inventory_with(&Sys::default(), &Runner::new(false))?;
+    let vbds = crate::xen::list_vbds().unwrap_or_else(|e| {
+        tracing::warn!("inventory without Xen VBDs: {e:#}");
+        Vec::new()
+    });
+    attach_vbds(&mut inv, &vbds);
+    Ok(inv)
+}
+
+/// Mark each disk with the VBD number whose guest device it is.
+pub fn attach_vbds(inv: &mut Value, vbds: &[crate::xen::vbd::Vbd]) {
+    if let Some(disks) = inv["disks"].as_array_mut() {
+        for d in disks {
+            let dev = d["device"].as_str().unwrap_or("").to_string();
+            let n = vbds.iter().find(|v| v.device.as_deref().is_some_and(|p| p.to_string_lossy() == dev));
+            d["xen_vbd"] = n.map(|v| Value::from(v.number)).unwrap_or(Value::Null);
+        }
+    }
+    if !vbds.is_empty() {
+        inv["xen_vbds"] = serde_json::to_value(vbds).unwrap_or(Value::Null);
+    }
 }
 
 pub fn inventory_with(sys: &Sys, r: &Runner) -> Result<Value> {
