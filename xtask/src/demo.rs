@@ -10,12 +10,11 @@
 //! [`more_jobs`] (the disk issue adds its loop-device jobs there).
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{cargo, root, run as run_cmd, step};
+use crate::util::{cargo, http_json, root, run as run_cmd, step, Server};
 
 const HELP: &str = "\
 cargo xtask demo [--release] [--keep]
@@ -101,40 +100,37 @@ pub struct Demo {
     pub dir: PathBuf,
     agent_bin: PathBuf,
     server_bin: PathBuf,
-    server: Option<Child>,
+    server: Option<Server>,
     agent: Option<Child>,
-    /// `127.0.0.1:PORT` of the admin API.
+    /// `http://127.0.0.1:PORT` of the admin API.
     pub admin: String,
     // The VM UUID the agent reported, set once it has checked in.
 }
 
 impl Demo {
     fn run_all(&mut self) -> Result<()> {
-        step("demo: making a fresh test PKI");
+        step("demo: making a fresh test PKI and starting mgmt-server on loopback");
+        let srv = Server::start(&self.server_bin, &self.dir)?;
         let pki = self.dir.join("pki");
-        run_cmd(Command::new(&self.server_bin).arg("init-pki").arg(&pki).stdout(Stdio::null()))?;
         info(&format!("CA, server and agent certificates in {}", pki.display()));
-
-        step("demo: starting mgmt-server on loopback");
-        let (https, admin) = self.start_server(&pki)?;
-        self.admin = admin.clone();
-        info(&format!("agent API  https://{https}  (client certificate required)"));
-        info(&format!("admin API  http://{admin}"));
+        info(&format!("agent API  {}  (client certificate required)", srv.https));
+        info(&format!("admin API  {}", srv.admin));
+        self.admin = srv.admin.clone();
 
         step("demo: writing the agent config and starting the agent daemon");
         let agent_dir = self.dir.join("agent");
         std::fs::create_dir_all(&agent_dir)?;
-        let config = json!({
-            "server_url": format!("https://{https}"),
-            "check_in_interval": 5,
-            "client_cert": [pki.join("agent-cert.pem"), pki.join("agent-key.pem")],
-            "server_cert": pki.join("ca.pem"),
-            "state_dir": agent_dir.join("state"),
-            "log_file": agent_dir.join("agent.log"),
-            "long_poll_seconds": 25,
-            // Disk jobs write this fstab, never the machine's own.
-            "fstab_path": agent_dir.join("fstab"),
-        });
+        let config = srv.agent_config(
+            &agent_dir.join("state"),
+            json!({
+                "check_in_interval": 5,
+                "log_file": agent_dir.join("agent.log"),
+                "long_poll_seconds": 25,
+                // Disk jobs write this fstab, never the machine's own.
+                "fstab_path": agent_dir.join("fstab"),
+            }),
+        );
+        self.server = Some(srv);
         std::fs::write(agent_dir.join("fstab"), "# scratch fstab of cargo xtask demo\n")?;
         let config_path = agent_dir.join("config.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
@@ -190,34 +186,6 @@ impl Demo {
         more_jobs(self, &vm)?;
         step("demo: done, the script's output came back through the server");
         Ok(())
-    }
-
-    fn start_server(&mut self, pki: &Path) -> Result<(String, String)> {
-        let log = self.dir.join("server.log");
-        let mut child = Command::new(&self.server_bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pki"])
-            .arg(pki)
-            .arg("--state")
-            .arg(self.dir.join("server-state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.server_bin.display()))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
-        self.server = Some(child);
-        // listening https://127.0.0.1:PORT admin http://127.0.0.1:PORT2
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["listening", https, "admin", admin] => {
-                Ok((https.trim_start_matches("https://").to_string(), admin.trim_start_matches("http://").to_string()))
-            }
-            _ => bail!(
-                "mgmt-server did not announce its addresses (got {line:?}); log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        }
     }
 
     fn wait_for_agent(&mut self, timeout: Duration) -> Result<Value> {
@@ -284,24 +252,7 @@ impl Demo {
     }
 
     fn admin_call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-        let mut s = std::net::TcpStream::connect(&self.admin)
-            .with_context(|| format!("cannot connect to the admin API at {}", self.admin))?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.admin,
-            body.len()
-        )?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        if code != 200 {
-            bail!("admin {method} {path} answered {code}: {rest}");
-        }
-        serde_json::from_str(rest).with_context(|| format!("admin {method} {path} answered non-JSON: {rest}"))
+        http_json(method, &self.admin, path, body).with_context(|| format!("admin API {method} {path}"))
     }
 
     fn stop(&mut self) {
@@ -325,9 +276,7 @@ impl Demo {
                 let _ = a.wait();
             }
         }
-        if let Some(mut s) = self.server.take() {
-            let _ = s.kill();
-            let _ = s.wait();
+        if self.server.take().is_some() {
             info("server stopped");
         }
     }
