@@ -47,6 +47,9 @@ pub struct Shared {
     pub busy: Mutex<bool>,
     pub cv: Condvar,
     pub health: Mutex<Health>,
+    /// The configuration in force, replaced on every successful reload;
+    /// threads other than the loop (the Xen publisher) read it from here.
+    pub config: Mutex<Option<Config>>,
 }
 
 impl Shared {
@@ -97,6 +100,26 @@ impl Agent {
             tracing::warn!("{w}");
         }
         Ok(Agent { cfg, client, state, sampler: Default::default(), shared, identity, inventory: None })
+    }
+
+    /// Take a new configuration (SIGHUP): a new client, and a new state
+    /// directory only if it moved (this process already holds the old one's
+    /// lock). Nothing changes when any part fails.
+    pub fn reload(&mut self, cfg: Config) -> Result<()> {
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
+        let client = Client::new(&cfg)?;
+        if cfg.state_dir != self.cfg.state_dir {
+            let mut state = State::open(&cfg.state_dir)?;
+            state.recover_interrupted()?;
+            self.state = state;
+        }
+        self.client = client;
+        self.cfg = cfg;
+        self.identity = crate::identity::current();
+        self.inventory = None;
+        Ok(())
     }
 
     fn current_inventory(&mut self) -> Value {
@@ -334,11 +357,14 @@ fn spawn_signal_thread(shared: Arc<Shared>) -> Result<()> {
 
 /// Guest-tools keys for the toolstack, refreshed every 30 s on a thread of
 /// their own so they stay current while the server is unreachable.
-fn spawn_xen_publisher(cfg: Config, shared: Arc<Shared>) -> Result<()> {
+fn spawn_xen_publisher(shared: Arc<Shared>) -> Result<()> {
     std::thread::Builder::new().name("xen-publish".into()).spawn(move || {
         let mut p = crate::xen::publish::Publisher::new();
         while !shared.shutdown.load(Ordering::SeqCst) {
-            p.tick(&cfg);
+            // `xenstore_publish: never` makes a tick do nothing.
+            if let Some(cfg) = shared.config.lock().unwrap().clone() {
+                p.tick(&cfg);
+            }
             shared.sleep_unless_shutdown(Duration::from_secs(30));
         }
     })?;
@@ -352,9 +378,8 @@ pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
     if let Some(addr) = cfg.status_listen {
         crate::status::spawn(addr, shared.clone())?;
     }
-    if cfg.xenstore_publish != crate::config::XenPublish::Never {
-        spawn_xen_publisher(cfg.clone(), shared.clone())?;
-    }
+    *shared.config.lock().unwrap() = Some(cfg.clone());
+    spawn_xen_publisher(shared.clone())?;
     let mut rng = Rng::from_entropy();
     // No server yet (fresh package install): say once what to configure and
     // wait for SIGHUP instead of exiting, so the service does not crash-loop.
@@ -366,7 +391,10 @@ pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
             shared.sleep(Duration::from_secs(3600));
         }
         match crate::config::load(config_path) {
-            Ok(c) => cfg = c,
+            Ok(c) => {
+                *shared.config.lock().unwrap() = Some(c.clone());
+                cfg = c;
+            }
             Err(e) => tracing::error!("{e:#}"),
         }
     }
@@ -381,6 +409,7 @@ pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
                 shared.sleep(Duration::from_secs(60));
                 if shared.reload.swap(false, Ordering::SeqCst) {
                     if let Ok(c) = crate::config::load(config_path) {
+                        *shared.config.lock().unwrap() = Some(c.clone());
                         cfg = c;
                     }
                 }
@@ -403,9 +432,9 @@ pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
     let mut reachable: Option<bool> = None;
     while !shared.shutdown.load(Ordering::SeqCst) {
         if shared.reload.swap(false, Ordering::SeqCst) {
-            match crate::config::load(config_path).and_then(|c| Agent::new(c, shared.clone()).map_err(Into::into)) {
-                Ok(a) => {
-                    drop(std::mem::replace(&mut agent, a));
+            match crate::config::load(config_path).and_then(|c| agent.reload(c)) {
+                Ok(()) => {
+                    *shared.config.lock().unwrap() = Some(agent.cfg.clone());
                     tracing::info!("configuration reloaded");
                 }
                 Err(e) => tracing::error!("reload failed, keeping the running configuration: {e:#}"),

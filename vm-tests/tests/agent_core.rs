@@ -651,3 +651,60 @@ fn status_endpoint_reports_health_and_metrics() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
 }
+
+/// A fresh package install has no server_url: `run` must not exit (no
+/// crash loop), must say once what to put where, and must start checking in
+/// after the administrator sets it and sends SIGHUP (`systemctl reload`).
+/// A later reload applies a changed allowlist without a restart.
+#[test]
+fn run_waits_for_a_server_url_and_applies_reloads() {
+    use nix::sys::signal::Signal;
+    let w = World::new("reload", SERVER);
+    let server = w.start_server("server-state", &[]);
+    let agent = w.agent("agent", server.api, json!({"server_url": null}));
+    let vm = w.vm_uuid(&agent);
+    let mut d = w.spawn_agent(&agent, &["run"]);
+    let said = wait_for(Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(&agent.log_file).unwrap_or_default();
+        log.contains("no server_url configured").then_some(log)
+    })
+    .expect("the daemon never said that server_url is missing");
+    assert!(said.contains(&agent.config.display().to_string()), "the message must name the file: {said}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(d.is_running(), "without server_url the daemon must wait, not exit");
+    assert_eq!(said.matches("no server_url configured").count(), 1, "said more than once: {said}");
+
+    // The administrator sets the server and reloads.
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&agent.config).unwrap()).unwrap();
+    cfg["server_url"] = json!(format!("https://{}", server.api));
+    std::fs::write(&agent.config, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    d.signal(Signal::SIGHUP);
+    let admin = server.admin();
+    assert!(
+        wait_for(Duration::from_secs(30), || (admin.checkin_count(&vm) >= 1).then_some(())).is_some(),
+        "no check-in after server_url was set and SIGHUP sent"
+    );
+    let id = admin.queue(&vm, "RunScript", json!({"script": "echo before-reload"}));
+    assert_eq!(admin.wait_job(&id, "final", 60)["status"], "succeeded");
+
+    // Reload with RunScript taken off the allowlist: same process, new rules.
+    cfg["allowed_operations"] = json!(["ExtendPartition"]);
+    std::fs::write(&agent.config, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    d.signal(Signal::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&agent.log_file)
+                .unwrap_or_default()
+                .contains("configuration reloaded")
+                .then_some(())
+        })
+        .is_some(),
+        "the daemon did not report the reload"
+    );
+    let id = admin.queue(&vm, "RunScript", json!({"script": "echo after-reload"}));
+    let j = admin.wait_job(&id, "final", 60);
+    assert_eq!(j["status"], "refused", "job: {j:#}");
+    assert!(d.is_running());
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
+}
