@@ -58,8 +58,8 @@ for arg in "$@"; do
 done
 [ -n "$SERVER_URL" ] || { usage >&2; die "SERVER_URL is required"; }
 case "$SERVER_URL" in
-    https://?* | http://?*) ;;
-    *) die "SERVER_URL must start with https:// (got $SERVER_URL)" ;;
+    https://?*) ;;
+    *) die "SERVER_URL must start with https:// (the agent always verifies TLS; got $SERVER_URL)" ;;
 esac
 case "$SERVER_URL" in
     *'"'* | *\\* | *' '* | *'|'*) die "SERVER_URL must not contain quotes, backslashes, spaces or |" ;;
