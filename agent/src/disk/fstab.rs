@@ -141,6 +141,25 @@ fn unquote(s: &str) -> &str {
     s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s)
 }
 
+/// Undo udev's `\xNN` escaping of a `/dev/disk/by-*` link name.
+fn unescape_udev(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
+            if let Some(v) = std::str::from_utf8(&b[i + 2..i + 4]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Whether `spec` (any spelling) names the device described by `ids`.
 /// `resolve` turns a path spec into its canonical node (tests pass a fake).
 pub fn spec_matches(spec: &str, ids: &DeviceIds, resolve: &dyn Fn(&str) -> Option<PathBuf>) -> bool {
@@ -157,6 +176,23 @@ pub fn spec_matches(spec: &str, ids: &DeviceIds, resolve: &dyn Fn(&str) -> Optio
     }
     if let Some(v) = spec.strip_prefix("PARTLABEL=") {
         return eq(&ids.partlabel, v);
+    }
+    // udev's link names: the id is in the path even when the link does not
+    // exist yet (a filesystem about to be made) or leads elsewhere.
+    if let Some(rest) = spec.strip_prefix("/dev/disk/") {
+        if let Some((kind, v)) = rest.split_once('/') {
+            let v = unescape_udev(v);
+            let hit = match kind {
+                "by-uuid" => eq_ci(&ids.uuid, &v),
+                "by-partuuid" => eq_ci(&ids.partuuid, &v),
+                "by-label" => eq(&ids.label, &v),
+                "by-partlabel" => eq(&ids.partlabel, &v),
+                _ => false,
+            };
+            if hit {
+                return true;
+            }
+        }
     }
     if spec.starts_with('/') {
         if ids.paths.iter().any(|p| p == Path::new(spec)) {
@@ -361,6 +397,32 @@ proc /proc proc defaults 0 0";
                 x => panic!("{spec}: {x:?}"),
             }
         }
+    }
+
+    #[test]
+    fn duplicate_device_by_udev_link_name_without_the_link() {
+        // The /dev/disk/by-* links of a filesystem InitializeDisk has not
+        // made yet do not exist (or point at another disk with the same
+        // label): the name in the link path still names this device.
+        for spec in [
+            "/dev/disk/by-uuid/2222-bbbb",
+            "/dev/disk/by-label/data",
+            "/dev/disk/by-partuuid/EEEE-FFFF",
+            "/dev/disk/by-partlabel/xcp-vm-agent",
+        ] {
+            let text = format!("{FSTAB}\n{spec} /elsewhere ext4 defaults 0 0\n");
+            match find_existing(&parse(&text), &ours(), &ids(), &no_resolve) {
+                Existing::Conflict(r) => assert!(r.contains("line 9"), "{spec}: {r}"),
+                x => panic!("{spec}: {x:?}"),
+            }
+        }
+        let mut i = ids();
+        i.label = Some("my data".into());
+        let text = format!("{FSTAB}\n/dev/disk/by-label/my\\x20data /elsewhere ext4 defaults 0 0\n");
+        assert!(matches!(find_existing(&parse(&text), &ours(), &i, &no_resolve), Existing::Conflict(_)));
+        let text = format!("{FSTAB}\n/dev/disk/by-label/other /elsewhere ext4 defaults 0 0\n");
+        assert_eq!(find_existing(&parse(&text), &ours(), &ids(), &no_resolve), Existing::None);
+        assert_eq!(unescape_udev("a\\x20b\\xé\\x"), "a b\\xé\\x");
     }
 
     #[test]
