@@ -76,6 +76,35 @@ pub fn check_mount_point(mp: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Check what is at the mount point: a missing or empty directory, reached
+/// without symbolic links. The reason when it is unacceptable.
+pub fn check_mount_point_on_disk(mp: &str) -> Result<(), String> {
+    match std::fs::symlink_metadata(mp) {
+        Ok(md) if md.file_type().is_symlink() => return Err(format!("mount_point {mp} is a symbolic link")),
+        Ok(md) if !md.is_dir() => return Err(format!("mount_point {mp} exists and is not a directory")),
+        Ok(_) => {
+            if std::fs::read_dir(mp).map(|mut x| x.next().is_some()).unwrap_or(true) {
+                return Err(format!("mount_point {mp} is not an empty directory"));
+            }
+        }
+        Err(_) => {}
+    }
+    // The deepest ancestor that exists: directories created below it are
+    // created where it really is, so it must not go through a link either.
+    if let Some(anc) = Path::new(mp).ancestors().skip(1).find(|a| std::fs::symlink_metadata(a).is_ok()) {
+        if let Ok(c) = std::fs::canonicalize(anc) {
+            if c != anc {
+                return Err(format!(
+                    "mount_point {mp} goes through a symbolic link ({} is {})",
+                    anc.display(),
+                    c.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Mount options with `nofail` and a device timeout added when missing.
 pub fn mount_options(given: Option<&str>) -> Result<String, String> {
     let base = given.unwrap_or("defaults").trim();
@@ -251,26 +280,8 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
         if mounts.iter().any(|m| m.mount_point == mp) {
             return refuse(format!("{mp} is already a mount point (of another device)"));
         }
-        match std::fs::symlink_metadata(mp) {
-            Ok(md) if md.file_type().is_symlink() => return refuse(format!("mount_point {mp} is a symbolic link")),
-            Ok(md) if !md.is_dir() => return refuse(format!("mount_point {mp} exists and is not a directory")),
-            Ok(_) => {
-                if std::fs::read_dir(mp).map(|mut x| x.next().is_some()).unwrap_or(true) {
-                    return refuse(format!("mount_point {mp} is not an empty directory"));
-                }
-            }
-            Err(_) => {}
-        }
-        if let Some(parent) = Path::new(mp).parent() {
-            if let Ok(c) = std::fs::canonicalize(parent) {
-                if c != parent {
-                    return refuse(format!(
-                        "mount_point {mp} goes through a symbolic link ({} is {})",
-                        parent.display(),
-                        c.display()
-                    ));
-                }
-            }
+        if let Err(e) = check_mount_point_on_disk(mp) {
+            return refuse(e);
         }
     }
 
@@ -551,6 +562,26 @@ mod tests {
         ] {
             assert!(check_mount_point(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn mount_point_through_a_symlinked_ancestor_is_refused() {
+        // `base/link` -> `base/real`; `base/link/new/sub` does not exist
+        // yet, so its parent cannot be canonicalised, but creating it
+        // would follow the link (e.g. `/lib/x/y` landing in `/usr/lib`).
+        let t = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(t.path()).unwrap();
+        std::fs::create_dir(base.join("real")).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        let mp = base.join("link/new/sub");
+        let e = check_mount_point_on_disk(mp.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert!(check_mount_point_on_disk(base.join("link/x").to_str().unwrap()).is_err());
+        assert!(check_mount_point_on_disk(base.join("link").to_str().unwrap()).is_err());
+        assert!(check_mount_point_on_disk(base.join("real/new/sub").to_str().unwrap()).is_ok());
+        std::fs::write(base.join("real/f"), "x").unwrap();
+        assert!(check_mount_point_on_disk(base.join("real/f").to_str().unwrap()).unwrap_err().contains("not a dir"));
+        assert!(check_mount_point_on_disk(base.join("real").to_str().unwrap()).unwrap_err().contains("not an empty"));
     }
 
     #[test]
