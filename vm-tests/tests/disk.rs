@@ -465,3 +465,29 @@ fn failpoints_extend_every_step_converges() {
         failpoint_extend("xfs", fp, false);
     }
 }
+
+#[test]
+fn initialize_probes_the_disk_under_its_lock() {
+    if !root_tier() {
+        return;
+    }
+    // Another tool holds the disk's lock (the flock convention) and formats
+    // it meanwhile. The agent must wait for the lock before it looks at the
+    // disk, and then refuse: not act on what it saw before the lock.
+    let l = Loop::new(64, 512);
+    let mp = l.dir.path().join("data");
+    let mut holder = std::process::Command::new("flock")
+        .args([&l.dev, "sh", "-c", &format!("sleep 2; mkfs.ext4 -q -F {}", l.dev)])
+        .spawn()
+        .unwrap();
+    wait_for("the other tool's lock", || {
+        !std::process::Command::new("flock").args(["-n", &l.dev, "true"]).status().unwrap().success()
+    });
+    let a = Agent::new();
+    let o = a.exec("InitializeDisk", init_params(&l, "ext4", &mp));
+    assert!(holder.wait().unwrap().success());
+    o.expect("refused").expect_message("ext4");
+    let probe = sh("blkid", &["-p", "-o", "export", &l.dev]);
+    assert!(probe.contains("TYPE=ext4"), "the other tool's filesystem was destroyed: {probe}");
+    assert_eq!(a.fstab_text(), FSTAB_HEAD);
+}

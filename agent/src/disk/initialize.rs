@@ -202,7 +202,6 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     };
     let mp = p.mount_point.as_str();
     let sys = Sys::default();
-    let mounts = mount::mounts()?;
     let disk = match sys.resolve_path(Path::new(&p.device), Duration::from_secs(2)) {
         Ok(b) => b,
         Err(e) => return refuse(format!("{e:#}")),
@@ -218,6 +217,11 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     if disk.read_only {
         return refuse(format!("{disk_node} is read-only"));
     }
+    // Lock before looking: every check below must still hold when the disk
+    // is written, and another tool following the flock convention may be
+    // changing it right now.
+    let _lock = lock::lock(&disk.node, Duration::from_secs(30))?;
+    let mounts = mount::mounts()?;
     let kparts = sys.partitions(&disk.name);
     let mut names: Vec<String> = vec![disk.name.clone()];
     names.extend(kparts.iter().map(|(_, n)| n.clone()));
@@ -383,7 +387,6 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
 
     // From here on the disk changes.
     let mut steps: Vec<&str> = Vec::new();
-    let _lock = lock::lock(&disk.node, Duration::from_secs(30))?;
     if ours.is_none() {
         if wipe_disk {
             for (_, n) in &kparts {
