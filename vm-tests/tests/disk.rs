@@ -491,3 +491,20 @@ fn initialize_probes_the_disk_under_its_lock() {
     assert!(probe.contains("TYPE=ext4"), "the other tool's filesystem was destroyed: {probe}");
     assert_eq!(a.fstab_text(), FSTAB_HEAD);
 }
+
+#[test]
+fn initialize_refuses_a_stale_fstab_line_for_the_partition_it_would_create() {
+    if !root_tier() {
+        return;
+    }
+    // fstab still names partition 1 of this disk by path (left from the
+    // disk that was there before). The partition does not exist yet, but
+    // the one InitializeDisk creates gets that name: two entries, one disk.
+    let l = Loop::new(64, 512);
+    assert!(l.part_opt(1).is_none());
+    let a = Agent::new();
+    let old = l.dir.path().join("old");
+    std::fs::write(&a.fstab, format!("{FSTAB_HEAD}{}p1 {} ext4 defaults 0 2\n", l.dev, old.display())).unwrap();
+    let mp = l.dir.path().join("data");
+    refused_unchanged(&l, &a, init_params(&l, "ext4", &mp), "already names this device");
+}

@@ -140,8 +140,8 @@ pub fn random_uuid() -> Result<String> {
     Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
 }
 
-/// Display name of partition 1 for a dry-run plan only (the kernel's
-/// naming rule; real runs read the name from sysfs).
+/// Name of partition 1 by the kernel's naming rule, for a dry-run plan and
+/// the fstab duplicate check only (real runs read the name from sysfs).
 fn predicted_part_node(disk: &Path) -> String {
     let d = disk.to_string_lossy();
     if d.ends_with(|c: char| c.is_ascii_digit()) {
@@ -358,6 +358,9 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     if let Some(b) = &kernel_p1 {
         paths.push(b.node.clone());
     }
+    // The name partition 1 will get when the kernel does not know it yet:
+    // a stale line naming it by path would mount the new filesystem twice.
+    paths.push(PathBuf::from(predicted_part_node(&disk.node)));
     let ids = fstab::DeviceIds {
         uuid: Some(fs_uuid.clone()),
         label: p.label.clone(),
