@@ -254,8 +254,9 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             }
             if lim.mbr_capped_bytes > 0 {
                 notes.push(format!(
-                    "MBR partition table: grown to the 2 TiB limit of MBR; {} bytes past it stay unused (convert \
+                    "MBR partition table: grown to the {} TiB limit of MBR; {} bytes past it stay unused (convert \
                      the disk to GPT to use them)",
+                    (table::MBR_MAX_SECTORS * lbs) >> 40,
                     lim.mbr_capped_bytes
                 ));
             }
@@ -292,7 +293,19 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             target_bytes = kernel_size().unwrap_or(want);
             part_changed = target_bytes != part.size_bytes;
         }
-        if lim.growable_bytes == 0 && !part_changed {
+        if lim.growable_bytes == 0 && !part_changed && lim.mbr_capped_bytes > 0 {
+            // The disk did grow: MBR cannot address the rest.
+            notes.insert(
+                0,
+                format!(
+                    "{part_node} already ends at the {} TiB limit of MBR; the disk is {} bytes and {} bytes past \
+                     the limit stay unused (convert the disk to GPT to use them)",
+                    (table::MBR_MAX_SECTORS * lbs) >> 40,
+                    disk.size_bytes,
+                    lim.mbr_capped_bytes
+                ),
+            );
+        } else if lim.growable_bytes == 0 && !part_changed {
             notes.insert(
                 0,
                 format!("disk has not grown (still {} bytes): {part_node} already ends where it can", disk.size_bytes),
