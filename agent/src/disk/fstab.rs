@@ -254,6 +254,15 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// Write `text` over `path` atomically; `verify` checks the temp file before
 /// it replaces the old one (an error leaves the old file untouched).
 pub fn write_atomic(path: &Path, text: &str, verify: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    // An fstab that is a symbolic link (some appliances keep /etc on another
+    // volume): replace the file it points to, and keep the link.
+    let resolved;
+    let path = if fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+        resolved = fs::canonicalize(path).with_context(|| format!("cannot resolve the link {}", path.display()))?;
+        resolved.as_path()
+    } else {
+        path
+    };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     let old = fs::metadata(path).ok();
@@ -270,6 +279,9 @@ pub fn write_atomic(path: &Path, text: &str, verify: impl FnOnce(&Path) -> Resul
             f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))?;
             std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))
                 .with_context(|| format!("cannot set the owner of {}", tmp.display()))?;
+        } else {
+            // A new fstab is world-readable whatever the process umask.
+            f.set_permissions(fs::Permissions::from_mode(0o644))?;
         }
         f.sync_all().with_context(|| format!("cannot fsync {}", tmp.display()))?;
         drop(f);
@@ -460,5 +472,20 @@ proc /proc proc defaults 0 0";
     #[test]
     fn missing_fstab_reads_empty() {
         assert_eq!(read(Path::new("/nonexistent/fstab")).unwrap(), "");
+    }
+
+    #[test]
+    fn write_atomic_follows_a_symlinked_fstab_and_keeps_the_link() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real-fstab");
+        let link = d.path().join("fstab");
+        fs::write(&real, "# old\n").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_atomic(&link, "# new\n", |_| Ok(())).unwrap();
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced by a file");
+        assert_eq!(fs::read_to_string(&real).unwrap(), "# new\n");
+        let fresh = d.path().join("new-fstab");
+        write_atomic(&fresh, "# x\n", |_| Ok(())).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().mode() & 0o777, 0o644);
     }
 }
