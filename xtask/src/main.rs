@@ -12,6 +12,7 @@ mod pkgtest;
 mod setup;
 mod test;
 mod util;
+mod vmtest;
 
 use anyhow::Result;
 
@@ -27,6 +28,8 @@ Tasks:
            and disk-operation overhead; writes target/bench/results.json
   dist     build the static binary and .deb, .rpm, .apk and .tar.gz into target/dist
   setup    install the system packages and Rust targets the tasks need
+  vm-test  boot a Debian VM (QEMU) with the packaged agent: InitializeDisk's mount is
+           visible outside the service and survives a reboot (root; not part of test)
   help     this text; `cargo xtask TASK --help` for a task's options
 ";
 
@@ -40,6 +43,7 @@ fn main() {
         "demo" => demo::run(rest),
         "dist" => dist::run(rest),
         "bench" => bench::run(rest),
+        "vm-test" => vmtest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

@@ -7,18 +7,21 @@ const HELP: &str = "\
 mgmt-server: reference management server for xcp-vm-agent (protocol v1)
 
 Usage:
-  mgmt-server init-pki DIR       write a fresh test PKI into DIR
+  mgmt-server init-pki DIR [--san NAME]...
+                                 write a fresh test PKI into DIR
   mgmt-server serve [OPTIONS]    run the server
   mgmt-server help | --help      this text; `mgmt-server COMMAND --help` for a command
 ";
 
 const INIT_PKI_HELP: &str = "\
-mgmt-server init-pki DIR
+mgmt-server init-pki DIR [--san NAME]...
 
 Writes a fresh certificate authority and certificates into DIR (created if
 missing, existing files replaced):
   ca.pem, ca-key.pem                  the CA
   server-cert.pem, server-key.pem     server certificate for localhost and 127.0.0.1
+                                      (and each --san NAME: a DNS name or IP address,
+                                      e.g. the name a VM guest uses for this host)
   agent-cert.pem, agent-key.pem       client certificate for agents
   other-ca.pem, other-agent-cert.pem, other-agent-key.pem
                                       an unrelated CA and a client certificate it
@@ -81,12 +84,21 @@ fn init_pki(args: &[String]) -> anyhow::Result<()> {
         print!("{INIT_PKI_HELP}");
         return Ok(());
     }
-    let dir = match args {
-        [d] if !d.starts_with('-') => PathBuf::from(d),
-        [] => usage_error("init-pki needs a directory", INIT_PKI_HELP),
-        _ => usage_error(&format!("unexpected arguments {args:?}"), INIT_PKI_HELP),
-    };
-    server::pki::init_pki(&dir)?;
+    let mut dir: Option<PathBuf> = None;
+    let mut sans: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--san" => match it.next() {
+                Some(n) if !n.is_empty() && !n.starts_with('-') => sans.push(n.clone()),
+                _ => usage_error("--san needs a name", INIT_PKI_HELP),
+            },
+            d if !d.starts_with('-') && dir.is_none() => dir = Some(PathBuf::from(d)),
+            _ => usage_error(&format!("unexpected arguments {args:?}"), INIT_PKI_HELP),
+        }
+    }
+    let Some(dir) = dir else { usage_error("init-pki needs a directory", INIT_PKI_HELP) };
+    server::pki::init_pki_with_sans(&dir, &sans)?;
     println!("wrote a test PKI to {}", dir.display());
     Ok(())
 }

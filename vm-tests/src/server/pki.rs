@@ -1,7 +1,8 @@
 //! `mgmt-server init-pki DIR`: a throw-away PKI for tests and the demo.
 //!
 //! Writes `ca.pem` (+ `ca-key.pem`), `server-cert.pem`/`server-key.pem` for
-//! `localhost` and `127.0.0.1`, `agent-cert.pem`/`agent-key.pem` (a client
+//! `localhost` and `127.0.0.1` (plus any extra names given, e.g. the name a
+//! VM guest uses for the host), `agent-cert.pem`/`agent-key.pem` (a client
 //! certificate signed by the same CA), and `other-ca.pem` with
 //! `other-agent-cert.pem`/`other-agent-key.pem`: an unrelated CA and a client
 //! certificate it signed, for wrong-CA tests. Private keys are mode 0600.
@@ -64,12 +65,20 @@ fn leaf(cn: &str, sans: Vec<String>, server: bool, issuer: &Issuer<'_, KeyPair>)
 
 /// Create the PKI in `dir` (created if missing; existing files are replaced).
 pub fn init_pki(dir: &Path) -> Result<()> {
+    init_pki_with_sans(dir, &[])
+}
+
+/// [`init_pki`] whose server certificate also names `extra_sans` (DNS names
+/// or IP addresses) besides `localhost` and `127.0.0.1`.
+pub fn init_pki_with_sans(dir: &Path, extra_sans: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (ca_pem, ca_key, ca_params) = ca("xcp-vm-agent test CA")?;
     write_file(&dir.join(CA), &ca_pem, 0o644)?;
     write_file(&dir.join("ca-key.pem"), &ca_key.serialize_pem(), 0o600)?;
     let issuer = Issuer::new(ca_params, ca_key);
-    let (c, k) = leaf("localhost", vec!["localhost".into(), "127.0.0.1".into()], true, &issuer)?;
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+    sans.extend(extra_sans.iter().cloned());
+    let (c, k) = leaf("localhost", sans, true, &issuer)?;
     write_file(&dir.join(SERVER_CERT), &c, 0o644)?;
     write_file(&dir.join(SERVER_KEY), &k, 0o600)?;
     let (c, k) = leaf("xcp-vm-agent test agent", vec!["agent.invalid".into()], false, &issuer)?;
