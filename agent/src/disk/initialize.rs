@@ -182,6 +182,18 @@ fn findmnt_errors(out: &str) -> BTreeSet<String> {
     v
 }
 
+/// Errors `findmnt --verify` finds in the new fstab that the old one did not
+/// have. `pending_mount_point`: a mount point systemd will create when it
+/// mounts the entry, whose errors (it does not exist yet) do not count.
+fn added_errors<'a>(
+    new: &'a BTreeSet<String>,
+    old: &'a BTreeSet<String>,
+    pending_mount_point: Option<&str>,
+) -> Vec<&'a String> {
+    let pending = pending_mount_point.map(|m| format!("{m}: "));
+    new.difference(old).filter(|e| !pending.as_deref().is_some_and(|p| e.starts_with(p))).collect()
+}
+
 fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Result<JobResult> {
     let r = &ctx.runner;
     let refuse = |m: String| Ok(JobResult::refused(m));
@@ -487,8 +499,15 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     d.insert("filesystem_uuid".into(), json!(fs_uuid));
     drop(_lock);
 
+    // Under systemd the mount unit creates a missing mount point, in the
+    // host's namespace; the service's own sandbox may see `/` read-only
+    // (ProtectSystem=strict), so the agent must not try. Found by the
+    // booted-VM test (docs/vm-tests.md).
+    let systemd_makes_mp = mount::mounts_through_systemd(&ctx.fstab_path) && !Path::new(mp).exists();
     if !Path::new(mp).exists() {
-        if r.dry_run() {
+        if systemd_makes_mp {
+            r.note(format!("{mp} does not exist: systemd creates it when it starts the mount unit"));
+        } else if r.dry_run() {
             r.note(format!("mkdir -p {mp}"));
         } else {
             std::fs::create_dir_all(mp).with_context(|| format!("cannot create {mp}"))?;
@@ -516,7 +535,7 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
                 } else {
                     BTreeSet::new()
                 };
-                let added: Vec<&String> = new_errs.difference(&old_errs).collect();
+                let added = added_errors(&new_errs, &old_errs, systemd_makes_mp.then_some(mp));
                 if added.is_empty() && !new_errs.is_empty() {
                     return Ok(()); // only errors the old file had already
                 }
@@ -612,6 +631,22 @@ mod tests {
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert_ne!(u, random_uuid().unwrap());
+    }
+
+    #[test]
+    fn a_mount_point_systemd_will_create_is_not_an_fstab_error() {
+        let out = "/data\n   [E] unreachable on boot required target: No such file or directory\n\
+                   /srv/x\n   [E] unreachable on boot required target: No such file or directory\n";
+        let new = findmnt_errors(out);
+        let old = BTreeSet::new();
+        // Without systemd both are new errors; with systemd creating /data,
+        // only /srv/x still counts.
+        assert_eq!(added_errors(&new, &old, None).len(), 2);
+        let left = added_errors(&new, &old, Some("/data"));
+        assert_eq!(left.len(), 1);
+        assert!(left[0].starts_with("/srv/x: "), "{left:?}");
+        // A prefix of another path is not the same mount point.
+        assert_eq!(added_errors(&new, &old, Some("/srv")).len(), 2);
     }
 
     #[test]

@@ -55,12 +55,19 @@ pub fn systemd_is_pid1() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
+/// Whether mounts for entries of `fstab` go through systemd: systemd is PID 1
+/// and `fstab` is the system's own. Then systemd, not the agent, creates a
+/// missing mount point (the agent's sandbox may see `/` read-only).
+pub fn mounts_through_systemd(fstab: &Path) -> bool {
+    systemd_is_pid1() && fstab == Path::new("/etc/fstab")
+}
+
 /// Mount `mount_point` through its fstab entry. Under systemd (and with the
 /// system's own fstab), reload and start the mount unit so the mount lands
 /// in the host namespace; otherwise `mount --fstab PATH MOUNTPOINT`.
 /// Returns how it was mounted.
 pub fn mount_via_fstab(runner: &Runner, fstab: &Path, mount_point: &str) -> Result<String> {
-    if systemd_is_pid1() && fstab == Path::new("/etc/fstab") {
+    if mounts_through_systemd(fstab) {
         let esc =
             runner.probe("systemd-escape", &["--path", "--suffix=mount", mount_point]).map_err(|e| anyhow!("{e}"))?;
         let unit = esc.stdout.trim().to_string();
