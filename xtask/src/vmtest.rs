@@ -14,7 +14,13 @@
 //! `VMTEST ...` markers on the serial console. QEMU (TCG) boots it twice:
 //! boot 1 checks the agent in, the host queues InitializeDisk for the data
 //! disk by its virtio serial, the probe sees `/data` mounted from outside and
-//! writes a file; boot 2 finds `/data` mounted from fstab and reads it back.
+//! writes a file; boot 2 finds `/data` mounted from fstab and reads it back,
+//! then the host grows the data disk while the VM runs (QMP `block_resize`,
+//! 512 MiB to 1 GiB) and queues ExtendPartition for `/data`: partition and
+//! ext4 must grow ONLINE (mounted), through the service, and the probe must
+//! see the larger `/data` from outside it (a virtio serial port tells the
+//! probe the job ended). Online resize2fs needs CAP_SYS_RESOURCE, which
+//! container tests lack: only this test shows it works under the real unit.
 //!
 //! Guest network: QEMU user networking with `restrict=on` (the guest reaches
 //! nothing) plus one `guestfwd` from 10.0.2.100:8443 in the guest to the
@@ -23,7 +29,8 @@
 use crate::util::{self, cargo, have, http_json, is_root, root, step};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use std::io::BufRead;
+use std::io::{BufRead, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,7 +45,11 @@ checks, with mgmt-server running on this machine's loopback:
           (/dev/disk/by-id/virtio-DATA1, ext4, /data) succeeds through the
           service; a probe unit OUTSIDE the service sees /data mounted (in PID
           1's mount namespace) and writes a file there; the VM powers off
-  boot 2: /data is mounted again from its fstab entry; the file reads back
+  boot 2: /data is mounted again from its fstab entry; the file reads back;
+          the host grows the data disk 512 MiB -> 1 GiB with QMP block_resize
+          while the VM runs, ExtendPartition /data (through the service) grows
+          partition and ext4 online (mounted); the probe sees /data larger
+          from outside the service and the file still reads back
 Progress lines for each step; on failure the console log tail is printed and
 the work directory (target/vmtest/run) is kept. Takes about 3-5 minutes
 (the first run also builds the cached base rootfs, about 1 minute).
@@ -64,6 +75,9 @@ const SERVER_NAME: &str = "mgmt.test";
 const GUEST_FWD_ADDR: &str = "10.0.2.100";
 const GUEST_FWD_PORT: u16 = 8443;
 const DATA_SERIAL: &str = "DATA1";
+/// The data disk: blank at this size, grown to DATA_GROWN in boot 2.
+const DATA_SIZE: u64 = 512 << 20;
+const DATA_GROWN: u64 = 1 << 30;
 const VM_UUID: &str = "6b1d3c6e-0f3a-4c55-9d7e-5a1e2b3c4d5e";
 /// Per-boot limit (TCG boot is ~30 s; mkfs and the job add some).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -289,6 +303,33 @@ main.2)
     say "READ $(cat /data/vmtest-token)"
     wait_for 60 systemctl is-active --quiet xcp-vm-agent || fail "xcp-vm-agent is not active after the reboot"
     say "AGENT-ACTIVE"
+    # Online growth: the host grows the data disk (QMP block_resize) while
+    # /data stays mounted, then runs ExtendPartition through the service and
+    # says so on the signal port; this probe checks the result from outside.
+    disk=/dev/disk/by-id/virtio-DATA1
+    disk_before=$(blockdev --getsize64 "$disk") || fail "cannot read the size of $disk"
+    fs_before=$(findmnt -bno SIZE /data) || fail "cannot read the size of /data"
+    say "SIZES-BEFORE disk=$disk_before fs=$fs_before"
+    say "READY-FOR-RESIZE"
+    grown() { [ "$(blockdev --getsize64 "$disk")" -gt "$disk_before" ]; }
+    wait_for 60 grown || fail "the kernel did not see $disk grow within 60 s"
+    say "DISK-GROWN $(blockdev --getsize64 "$disk")"
+    # The host's word that ExtendPartition ended (EOF while the host is not
+    # connected: try again until the deadline).
+    msg=
+    end=$((SECONDS + 150))
+    while [ "$SECONDS" -lt "$end" ]; do
+        msg=$(timeout 5 head -n 1 /dev/virtio-ports/vmtest.signal 2>/dev/null) && [ -n "$msg" ] && break
+        sleep 1
+    done
+    [ -n "$msg" ] || fail "no word from the host on the signal port within the deadline"
+    say "SIGNAL $msg"
+    fs_after=$(findmnt -bno SIZE /data)
+    [ "$fs_after" -gt "$fs_before" ] || fail "/data did not grow: $fs_before -> $fs_after bytes"
+    findmnt -n /data >/dev/null || fail "/data is no longer mounted"
+    say "FS-GROWN before=$fs_before after=$fs_after"
+    say "DF $(df -B1 --output=source,size,target /data | tail -n 1)"
+    say "READ-AFTER $(cat /data/vmtest-token)"
     say "BOOT2-DONE"
     systemctl poweroff
     ;;
@@ -403,9 +444,51 @@ impl VmTest {
 
         // Boot 2.
         let b2 = Instant::now();
-        step("vm-test: boot 2 (the mount must come back from fstab)");
+        step("vm-test: boot 2 (the mount must come back from fstab; then the online growth)");
         self.boot(2, accel, port, &kernel, &initrd, &root_img, &data_img, &token)?;
+        // Connected from the start: the guest reads EOF from the port while
+        // no host end is connected.
+        let sig_path = self.signal_path(2);
+        let mut signal = self.connect(&sig_path, b2)?;
+        let ready = self.wait_marker(b2, "SIZES-BEFORE")?;
+        self.wait_marker(b2, "READY-FOR-RESIZE")?;
+        info(&format!("{:>5.1} s  /data mounted from fstab, token read back; {ready}", b2.elapsed().as_secs_f64()));
+        step(&format!(
+            "vm-test: growing the data disk to {} MiB with QMP block_resize, the VM running",
+            DATA_GROWN >> 20
+        ));
+        self.qmp_block_resize(2, b2, DATA_GROWN)?;
+        let grown = self.wait_marker(b2, "DISK-GROWN")?;
+        info(&format!("{:>5.1} s  the guest kernel sees the data disk as {grown} bytes", b2.elapsed().as_secs_f64()));
+        ensure!(grown == DATA_GROWN.to_string(), "the guest sees the data disk as {grown} bytes, not {DATA_GROWN}");
+        step("vm-test: queueing ExtendPartition /data (mounted)");
+        let job = self.run_job(
+            b2,
+            json!({"vm_uuid": VM_UUID, "operation": "ExtendPartition", "params": {"mount_point": "/data"}}),
+        )?;
+        let d = &job["result"]["details"];
+        ensure!(
+            job["status"] == "succeeded",
+            "ExtendPartition ended {}: {}\n{}",
+            job["status"],
+            job["result"]["message"],
+            serde_json::to_string_pretty(&job["result"]).unwrap_or_default()
+        );
+        info(&format!("message       {}", job["result"]["message"].as_str().unwrap_or("?")));
+        let num = |k: &str| d[k].as_u64().with_context(|| format!("ExtendPartition's details have no number {k}: {d}"));
+        let (pb, pa) = (num("partition_bytes_before")?, num("partition_bytes_after")?);
+        let (fb, fa) = (num("filesystem_bytes_before")?, num("filesystem_bytes_after")?);
+        info(&format!("partition     {} {pb} -> {pa} bytes", d["device"].as_str().unwrap_or("?")));
+        info(&format!("filesystem    {fb} -> {fa} bytes"));
+        ensure!(pa > pb, "the partition did not grow ({pb} -> {pa} bytes)");
+        ensure!(fa > fb, "the filesystem did not grow ({fb} -> {fa} bytes)");
+        let how = d["steps"][0]["how"].as_str().unwrap_or("");
+        info(&format!("how           {how}"));
+        ensure!(how.contains("online"), "the filesystem was not grown online (steps: {})", d["steps"]);
+        writeln!(signal, "EXTENDED {fa}").context("cannot signal the guest probe")?;
+        step("vm-test: waiting for the guest probe to see /data grown, and the power-off");
         self.wait_poweroff(b2)?;
+        drop(signal);
         let c2 = self.console_markers();
         let mounted = need_marker(&c2, "BOOT2-MOUNTED")?;
         info(&format!("BOOT2-MOUNTED {mounted}"));
@@ -416,6 +499,12 @@ impl VmTest {
         ensure!(read == token, "boot 2 read {read:?} from /data/vmtest-token, boot 1 wrote {token:?}");
         info(&format!("READ {read} (as written in boot 1)"));
         need_marker(&c2, "AGENT-ACTIVE")?;
+        let fs = need_marker(&c2, "FS-GROWN")?;
+        info(&format!("FS-GROWN {fs} (findmnt -b, outside the service)"));
+        info(&format!("DF {}", need_marker(&c2, "DF")?));
+        let read = need_marker(&c2, "READ-AFTER")?;
+        ensure!(read == token, "after the growth /data/vmtest-token reads {read:?}, not {token:?}");
+        info(&format!("READ-AFTER {read}"));
         need_marker(&c2, "BOOT2-DONE")?;
         info(&format!("boot 2 done in {:.0} s", b2.elapsed().as_secs_f64()));
         Ok(())
@@ -533,7 +622,7 @@ impl VmTest {
         util::run(Command::new("mkfs.ext4").args(["-q", "-L", "vmroot", "-d"]).arg(&rootfs).arg(&root_img).arg("2G"))?;
         std::fs::remove_dir_all(&rootfs)?;
         let data_img = self.dir.join("data.img");
-        std::fs::File::create(&data_img)?.set_len(512 << 20)?;
+        std::fs::File::create(&data_img)?.set_len(DATA_SIZE)?;
         info(&format!(
             "root image (ext4, LABEL=vmroot) and a blank 512 MiB data disk in {:.0} s",
             t.elapsed().as_secs_f64()
@@ -580,12 +669,91 @@ impl VmTest {
                 &format!("user,id=n0,restrict=on,guestfwd=tcp:{GUEST_FWD_ADDR}:{GUEST_FWD_PORT}-tcp:127.0.0.1:{port}"),
             ])
             .args(["-device", "virtio-net-pci,netdev=n0"])
+            // QMP, for growing the data disk while the guest runs, and a
+            // virtio serial port for telling the guest probe a job ended.
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.qmp_path(n).display()))
+            .args(["-device", "virtio-serial-pci,id=vser0"])
+            .arg("-chardev")
+            .arg(format!("socket,id=sig,path={},server=on,wait=off", self.signal_path(n).display()))
+            .args(["-device", "virtserialport,bus=vser0.0,chardev=sig,name=vmtest.signal"])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(self.dir.join(format!("qemu-boot{n}.log")))?)
             .stderr(std::fs::File::create(self.dir.join(format!("qemu-boot{n}.stderr")))?);
         info(&format!("$ {cmd:?}"));
         self.qemu = Some(cmd.spawn().context("cannot start qemu-system-x86_64")?);
         Ok(())
+    }
+
+    fn qmp_path(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("qmp-boot{n}.sock"))
+    }
+
+    fn signal_path(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("signal-boot{n}.sock"))
+    }
+
+    /// Connect to a QEMU socket (retrying while QEMU is still creating it).
+    fn connect(&mut self, path: &Path, since: Instant) -> Result<UnixStream> {
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => return Ok(s),
+                Err(e) if since.elapsed() > BOOT_TIMEOUT => {
+                    return Err(e).with_context(|| format!("cannot connect to {}", path.display()))
+                }
+                Err(_) => {}
+            }
+            self.check_qemu_running(&format!("{}", path.display()))?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Grow the data drive (`-drive id=d1`) to `bytes` through QMP, as a
+    /// hypervisor does while the guest runs.
+    fn qmp_block_resize(&mut self, n: u32, since: Instant, bytes: u64) -> Result<()> {
+        let path = self.qmp_path(n);
+        let stream = self.connect(&path, since)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut w = stream.try_clone()?;
+        let mut r = std::io::BufReader::new(stream);
+        // One command, its answer (events in between are skipped).
+        let mut call = |cmd: Value| -> Result<Value> {
+            writeln!(w, "{cmd}")?;
+            loop {
+                let mut line = String::new();
+                ensure!(r.read_line(&mut line)? > 0, "QMP closed the connection");
+                let v: Value = serde_json::from_str(&line).with_context(|| format!("QMP sent {line:?}"))?;
+                if let Some(e) = v.get("error") {
+                    bail!("QMP {cmd}: {e}");
+                }
+                if v.get("return").is_some() {
+                    return Ok(v);
+                }
+            }
+        };
+        // The greeting line has neither "return" nor "error": skipped.
+        call(json!({"execute": "qmp_capabilities"}))?;
+        call(json!({"execute": "block_resize", "arguments": {"device": "d1", "size": bytes}}))?;
+        Ok(())
+    }
+
+    /// Wait for `VMTEST key` on the current console (failing on a `FAIL`
+    /// marker, QEMU's exit or the boot's time limit).
+    fn wait_marker(&mut self, since: Instant, key: &str) -> Result<String> {
+        loop {
+            let c = self.console_markers();
+            if let Some(f) = c.iter().find(|(k, _)| k == "FAIL") {
+                bail!("the guest probe failed: {}", f.1);
+            }
+            if let Some((_, v)) = c.iter().find(|(k, _)| k == key) {
+                return Ok(v.clone());
+            }
+            self.check_qemu_running(&format!("`VMTEST {key}` on the console"))?;
+            if since.elapsed() > BOOT_TIMEOUT {
+                bail!("no `VMTEST {key}` on the console within {BOOT_TIMEOUT:?} of the boot");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 
     /// Fail if QEMU has exited (with its stderr).
