@@ -396,25 +396,7 @@ fn checkin_in_empty_chroot(dir: &Path) -> Result<()> {
 /// The cached Debian chroot tarball (made by mmdebstrap on first use).
 fn chroot_base() -> Result<PathBuf> {
     let tar = work().join(format!("debian-{SUITE}.tar"));
-    let stamp = work().join(format!("debian-{SUITE}.include"));
-    let fresh = tar.exists() && std::fs::read_to_string(&stamp).map(|s| s == CHROOT_INCLUDE).unwrap_or(false);
-    if !fresh {
-        step(&format!("packaging: mmdebstrap {SUITE} minbase + {CHROOT_INCLUDE} (cached afterwards)"));
-        let tmp = work().join(format!("debian-{SUITE}.tar.tmp"));
-        let mut cmd = Command::new("mmdebstrap");
-        cmd.args(["--variant=minbase", "--mode=root", "--format=tar", "--quiet"])
-            .arg(format!("--include={CHROOT_INCLUDE}"))
-            .arg(SUITE)
-            .arg(&tmp);
-        // Use the machine's own archive configuration, whatever mirror it names.
-        let sources = Path::new("/etc/apt/sources.list.d/debian.sources");
-        if sources.exists() {
-            cmd.arg(sources);
-        }
-        util::run(&mut cmd)?;
-        std::fs::rename(&tmp, &tar)?;
-        std::fs::write(&stamp, CHROOT_INCLUDE)?;
-    }
+    util::debian_tarball(&tar, SUITE, CHROOT_INCLUDE, "packaging")?;
     Ok(tar)
 }
 

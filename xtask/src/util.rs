@@ -170,3 +170,33 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A Debian `suite` minbase rootfs with `include` (comma-separated packages)
+/// as a tarball at `tar`, made by mmdebstrap on first use and kept while the
+/// package list stays the same (a `.include` stamp beside it). Uses the
+/// machine's own archive configuration, whatever mirror it names. Returns
+/// whether it was built now.
+pub fn debian_tarball(tar: &std::path::Path, suite: &str, include: &str, what: &str) -> Result<bool> {
+    let stamp = tar.with_extension("include");
+    if tar.exists() && std::fs::read_to_string(&stamp).map(|s| s == include).unwrap_or(false) {
+        return Ok(false);
+    }
+    step(&format!("{what}: mmdebstrap {suite} minbase + {include} (cached afterwards)"));
+    if let Some(d) = tar.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = tar.with_extension("tar.tmp");
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--variant=minbase", "--mode=root", "--format=tar", "--quiet"])
+        .arg(format!("--include={include}"))
+        .arg(suite)
+        .arg(&tmp);
+    let sources = std::path::Path::new("/etc/apt/sources.list.d/debian.sources");
+    if sources.exists() {
+        cmd.arg(sources);
+    }
+    run(&mut cmd)?;
+    std::fs::rename(&tmp, tar)?;
+    std::fs::write(&stamp, include)?;
+    Ok(true)
+}

@@ -51,7 +51,7 @@ checks, with mgmt-server running on this machine's loopback:
           partition and ext4 online (mounted); the probe sees /data larger
           from outside the service and the file still reads back
 Progress lines for each step; on failure the console log tail is printed and
-the work directory (target/vmtest/run) is kept. Takes about 3-5 minutes
+the work directory (target/vmtest/run) is kept. Takes about 1-2 minutes
 (the first run also builds the cached base rootfs, about 1 minute).
 
 Needs root (mmdebstrap, chroot). Installs QEMU from bookworm-backports with
@@ -217,30 +217,13 @@ fn ensure_tools() -> Result<()> {
 /// The cached base rootfs tarball (mmdebstrap on first use or when the
 /// package list changed).
 fn base_rootfs() -> Result<PathBuf> {
-    std::fs::create_dir_all(work())?;
     let tar = work().join(format!("base-{SUITE}.tar"));
-    let stamp = work().join(format!("base-{SUITE}.include"));
-    if tar.exists() && std::fs::read_to_string(&stamp).map(|s| s == BASE_INCLUDE).unwrap_or(false) {
-        step(&format!("vm-test: base rootfs cached ({})", tar.display()));
-        return Ok(tar);
-    }
-    step(&format!("vm-test: mmdebstrap {SUITE} minbase + kernel, systemd, udev, disk tools (cached afterwards)"));
     let t = Instant::now();
-    let tmp = work().join(format!("base-{SUITE}.tar.tmp"));
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--variant=minbase", "--mode=root", "--format=tar", "--quiet"])
-        .arg(format!("--include={BASE_INCLUDE}"))
-        .arg(SUITE)
-        .arg(&tmp);
-    // The machine's own archive configuration, whatever mirror it names.
-    let sources = Path::new("/etc/apt/sources.list.d/debian.sources");
-    if sources.exists() {
-        cmd.arg(sources);
+    if util::debian_tarball(&tar, SUITE, BASE_INCLUDE, "vm-test")? {
+        info(&format!("built in {:.0} s", t.elapsed().as_secs_f64()));
+    } else {
+        step(&format!("vm-test: base rootfs cached ({})", tar.display()));
     }
-    util::run(&mut cmd)?;
-    std::fs::rename(&tmp, &tar)?;
-    std::fs::write(&stamp, BASE_INCLUDE)?;
-    info(&format!("built in {:.0} s", t.elapsed().as_secs_f64()));
     Ok(tar)
 }
 
