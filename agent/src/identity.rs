@@ -51,19 +51,23 @@ pub struct XenFacts {
     pub domid: Option<u32>,
 }
 
-/// Normalise a UUID: trim, lower case, check the 8-4-4-4-12 hex shape, and
-/// reject the all-zero and all-F placeholders firmware uses.
-pub fn normalise_uuid(s: &str) -> Result<String, String> {
+/// Trim (whitespace and NULs), lower-case and check the 8-4-4-4-12 hex
+/// shape; None when it is not a UUID. Placeholders pass: see
+/// [`normalise_uuid`].
+pub fn uuid_shape(s: &str) -> Option<String> {
     let u = s.trim().trim_matches('\0').to_ascii_lowercase();
     let parts: Vec<&str> = u.split('-').collect();
-    let shape = [8, 4, 4, 4, 12];
-    if parts.len() != 5
-        || parts.iter().zip(shape).any(|(p, n)| p.len() != n || !p.chars().all(|c| c.is_ascii_hexdigit()))
-    {
-        return Err(format!("{:?} is not a UUID", s.trim()));
-    }
-    let hex: String = parts.concat();
-    if hex.chars().all(|c| c == '0') || hex.chars().all(|c| c == 'f') {
+    let ok = parts.len() == 5
+        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then_some(u)
+}
+
+/// Normalise a UUID ([`uuid_shape`]) and reject the all-zero and all-F
+/// placeholders firmware uses.
+pub fn normalise_uuid(s: &str) -> Result<String, String> {
+    let u = uuid_shape(s).ok_or_else(|| format!("{:?} is not a UUID", s.trim()))?;
+    let hex = u.replace('-', "");
+    if hex.bytes().all(|c| c == b'0') || hex.bytes().all(|c| c == b'f') {
         return Err(format!("{u} is a placeholder, not a real UUID"));
     }
     Ok(u)

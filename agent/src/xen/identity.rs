@@ -81,11 +81,7 @@ pub fn xenstore_identity_with(client: &mut Client) -> XenstoreIdentity {
 /// Lower-case a UUID and check its shape (8-4-4-4-12 hex digits); None when
 /// it is not a UUID. Surrounding whitespace and NULs are ignored.
 pub fn normalise_uuid(s: &str) -> Option<String> {
-    let s = s.trim().trim_matches('\0').to_ascii_lowercase();
-    let groups: Vec<&str> = s.split('-').collect();
-    let ok = groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
-    ok.then_some(s)
+    crate::identity::uuid_shape(s)
 }
 
 /// The same UUID with its first three fields byte-swapped: how SMBIOS
