@@ -570,6 +570,13 @@ impl VmTest {
         set_mode(&probe, 0o755)?;
         std::fs::write(etc.join("systemd/system/vmtest-pre.service"), PRE_UNIT)?;
         std::fs::write(etc.join("systemd/system/vmtest-probe.service"), MAIN_UNIT)?;
+        // In boot 2 the agent starts only after /data is mounted from fstab:
+        // the case where a filesystem mounted before the service started must
+        // still be writable inside it (online growth). Ordering only; boot 1
+        // has no data.mount, and then it changes nothing.
+        let dropin = etc.join("systemd/system/xcp-vm-agent.service.d");
+        std::fs::create_dir_all(&dropin)?;
+        std::fs::write(dropin.join("vmtest-order.conf"), "[Unit]\nAfter=data.mount\n")?;
         util::output(Command::new("chroot").arg(&rootfs).args([
             "systemctl",
             "enable",
