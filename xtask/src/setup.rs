@@ -47,11 +47,11 @@ pub fn run_setup(quiet_if_done: bool) -> Result<()> {
             );
         }
         step(&format!("setup: installing {}", miss.join(" ")));
-        util::run(Command::new("apt-get").args(["update", "-q"]))?;
+        util::run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]))?;
         util::run(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
                 .args(&miss),
         )?;
     }
