@@ -5,6 +5,7 @@ mod apk;
 mod apkcheck;
 mod bench;
 mod bench_disk;
+mod catalogue;
 mod clidef;
 mod demo;
 mod dist;
@@ -30,6 +31,8 @@ Tasks:
   setup    install the system packages and Rust targets the tasks need
   vm-test  boot a Debian VM (QEMU) with the packaged agent: InitializeDisk's mount is
            visible outside the service and survives a reboot (root; not part of test)
+  catalogue  the cloud-image catalogue ci/distros.toml: --check, --json (the CI
+           matrix), --fetch NAME (download and verify into target/vm-images)
   help     this text; `cargo xtask TASK --help` for a task's options
 ";
 
@@ -44,6 +47,7 @@ fn main() {
         "dist" => dist::run(rest),
         "bench" => bench::run(rest),
         "vm-test" => vmtest::run(rest),
+        "catalogue" => catalogue::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

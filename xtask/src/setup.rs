@@ -26,6 +26,19 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("fakeroot", "fakeroot"),
 ];
 
+/// The workflow-schema checker, pinned.
+pub const CHECK_JSONSCHEMA: &str = "check-jsonschema==0.33.0";
+
+/// Run as `python3 -m check_jsonschema`: a pip-installed script is not always
+/// on PATH (pyenv shims need a rehash), the module always is.
+pub fn have_check_jsonschema() -> bool {
+    Command::new("python3")
+        .args(["-m", "check_jsonschema", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
 pub fn missing() -> Vec<&'static str> {
     let mut v: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !have(p)).map(|(_, d)| *d).collect();
     v.dedup();
@@ -54,6 +67,17 @@ pub fn run_setup(quiet_if_done: bool) -> Result<()> {
                 .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
                 .args(&miss),
         )?;
+    }
+    // check-jsonschema (PyPI) validates ci/github/vm-matrix.yml against the
+    // GitHub workflow schema it carries (offline).
+    if !have_check_jsonschema() {
+        let cmd = ["-m", "pip", "install", "-q", "--disable-pip-version-check", CHECK_JSONSCHEMA];
+        if is_root() || std::env::var_os("VIRTUAL_ENV").is_some() {
+            step(&format!("setup: installing {CHECK_JSONSCHEMA} from PyPI"));
+            util::run(Command::new("python3").args(cmd))?;
+        } else {
+            bail!("missing check-jsonschema; install it with: python3 {}", cmd.join(" "));
+        }
     }
     // The musl target gives a static binary that runs on glibc and musl
     // systems; without it `dist` falls back to gnu + crt-static.

@@ -61,6 +61,9 @@ pub fn run(args: &[String]) -> Result<()> {
     step("fmt: cargo fmt --check");
     util::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
+    step("ci: the cloud-image catalogue and the GitHub workflow (ci/)");
+    crate::catalogue::ci_checks()?;
+
     let mut tally = Tally::default();
     step("unit and integration tests: cargo test --workspace");
     tally.cargo_test(cargo().args(["test", "--workspace", "--all-targets"]))?;
