@@ -9,6 +9,8 @@ mgmt-server: reference management server for xcp-vm-agent (protocol v1)
 Usage:
   mgmt-server init-pki DIR [--san NAME]...
                                  write a fresh test PKI into DIR
+  mgmt-server agent-cert --pki DIR --vm-uuid UUID --out DIR
+                                 issue a client certificate for one VM
   mgmt-server serve [OPTIONS]    run the server
   mgmt-server help | --help      this text; `mgmt-server COMMAND --help` for a command
 ";
@@ -22,11 +24,26 @@ missing, existing files replaced):
   server-cert.pem, server-key.pem     server certificate for localhost and 127.0.0.1
                                       (and each --san NAME: a DNS name or IP address,
                                       e.g. the name a VM guest uses for this host)
-  agent-cert.pem, agent-key.pem       client certificate for agents
+  agent-cert.pem, agent-key.pem       a client certificate shared by all agents: it
+                                      names no VM, so it may speak for any VM. For
+                                      tests and the demo; give each real VM its own
+                                      (mgmt-server agent-cert)
   other-ca.pem, other-agent-cert.pem, other-agent-key.pem
                                       an unrelated CA and a client certificate it
                                       signed (for wrong-CA tests)
 Private keys are written with mode 0600.
+";
+
+const AGENT_CERT_HELP: &str = "\
+mgmt-server agent-cert --pki DIR --vm-uuid UUID --out DIR
+
+Issues a client certificate for the VM UUID, signed by the CA in --pki (made
+by `mgmt-server init-pki`), carrying the URI subject alternative name
+urn:uuid:UUID. The server holds a connection with such a certificate to that
+VM: it may check in, fetch jobs and report results for UUID only (HTTP 403
+otherwise). Writes into --out (created if missing):
+  agent-cert.pem, agent-key.pem       the certificate and its key (mode 0600)
+  ca.pem                              the CA, for the agent's server_cert
 ";
 
 const SERVE_HELP: &str = "\
@@ -71,6 +88,7 @@ fn main() {
         }
         "init-pki" => init_pki(rest),
         "serve" => serve(rest),
+        "agent-cert" => agent_cert(rest),
         other => usage_error(&format!("unknown command {other:?}"), HELP),
     };
     if let Err(e) = r {
@@ -100,6 +118,38 @@ fn init_pki(args: &[String]) -> anyhow::Result<()> {
     let Some(dir) = dir else { usage_error("init-pki needs a directory", INIT_PKI_HELP) };
     server::pki::init_pki_with_sans(&dir, &sans)?;
     println!("wrote a test PKI to {}", dir.display());
+    Ok(())
+}
+
+fn agent_cert(args: &[String]) -> anyhow::Result<()> {
+    let (mut pki, mut uuid, mut out) = (None, None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = || {
+            inline.clone().or_else(|| it.next().cloned()).unwrap_or_else(|| {
+                usage_error(&format!("{flag} needs a value"), AGENT_CERT_HELP);
+            })
+        };
+        match flag {
+            "-h" | "--help" => {
+                print!("{AGENT_CERT_HELP}");
+                return Ok(());
+            }
+            "--pki" => pki = Some(PathBuf::from(value())),
+            "--vm-uuid" => uuid = Some(value()),
+            "--out" => out = Some(PathBuf::from(value())),
+            other => usage_error(&format!("unknown option {other:?}"), AGENT_CERT_HELP),
+        }
+    }
+    let (Some(pki), Some(uuid), Some(out)) = (pki, uuid, out) else {
+        usage_error("--pki, --vm-uuid and --out are required", AGENT_CERT_HELP)
+    };
+    server::pki::agent_cert(&pki, &uuid, &out)?;
+    println!("wrote a client certificate for VM {} to {}", uuid.to_ascii_lowercase(), out.display());
     Ok(())
 }
 

@@ -9,8 +9,12 @@
 //! - `POST /admin/v1/jobs/{id}/redeliver` -> job (deliver it once more)
 //! - `GET /admin/v1/results/{job_id}` -> every result received for that id
 //! - `GET /admin/v1/agents` -> `{"agents": [agent...]}`
+//!
+//! [`refuse`] comes first: a Host that is not the listen address, or a POST
+//! that is not `application/json`, is refused (what a web page could send).
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::api::parse_body;
@@ -27,6 +31,44 @@ pub struct NewJob {
     pub operation: String,
     #[serde(default)]
     pub params: Value,
+}
+
+/// Requests a web page could make: a Host that is not this listener's
+/// address (DNS rebinding: a page of evil.example whose name now resolves to
+/// 127.0.0.1) answers 403; a POST whose body is not declared
+/// `application/json` (a form or `text/plain` POST, which browsers send
+/// cross-origin without asking) answers 415. `localhost` and the loopback
+/// literals count as this address when the port is the listener's.
+pub fn refuse(req: &Request, local: SocketAddr) -> Option<Response> {
+    let host = req.header("host").unwrap_or("");
+    let ok_host = match host.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().ok() == Some(local.port()) => {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<IpAddr>().is_ok_and(|ip| ip == local.ip() || ip.is_loopback())
+        }
+        _ => false,
+    };
+    if !ok_host {
+        return Some(Response::error(
+            403,
+            format!("Host {host:?} is not this admin API's address {local}: refused (DNS rebinding protection)"),
+        ));
+    }
+    let json = req
+        .header("content-type")
+        .and_then(|c| c.split(';').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/json"));
+    if (req.method == "POST" || !req.body.is_empty()) && !json {
+        return Some(Response::error(
+            415,
+            format!(
+                "the admin API takes application/json bodies only (Content-Type: {:?})",
+                req.header("content-type").unwrap_or("")
+            ),
+        ));
+    }
+    None
 }
 
 pub fn route(store: &Store, req: &Request) -> (Response, Option<String>) {

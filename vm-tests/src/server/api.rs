@@ -15,7 +15,25 @@ pub struct Ctx {
     pub store: Arc<Store>,
     pub peer: String,
     pub client_cert: bool,
+    /// The VM UUIDs the client certificate names (`urn:uuid:` URI SANs);
+    /// empty for a certificate that names none (the shared test one).
+    pub cert_vms: Vec<String>,
     pub max_wait: Duration,
+}
+
+impl Ctx {
+    /// Whether this connection may speak for `vm`: a certificate that names
+    /// a VM speaks for that VM only. The reason when not.
+    fn refuse_for(&self, vm: &str) -> Option<String> {
+        match self.cert_vms.as_slice() {
+            [] => None,
+            [one] if one.eq_ignore_ascii_case(vm) => None,
+            [one] => Some(format!("this client certificate is for VM {one} and may not speak for VM {vm:?}")),
+            many => {
+                Some(format!("this client certificate names several VMs ({}); it may speak for none", many.join(", ")))
+            }
+        }
+    }
 }
 
 /// Parse a JSON body into `T`, with an error that names the problem and,
@@ -77,6 +95,9 @@ fn checkin(ctx: &Ctx, req: &Request) -> (Response, Option<String>) {
         Ok(c) => c,
         Err(e) => return (Response::error(400, e.clone()), Some(e)),
     };
+    if let Some(m) = ctx.refuse_for(&ci.vm_uuid) {
+        return (Response::error(403, m.clone()), Some(m));
+    }
     let hold = Duration::from_secs(ci.wait_seconds).min(ctx.max_wait);
     match ctx.store.check_in(&ci, &ctx.peer, ctx.client_cert, hold) {
         Ok(jobs) => {
@@ -129,6 +150,9 @@ fn results(ctx: &Ctx, req: &Request) -> (Response, Option<String>) {
             return (Response::error(400, m.clone()), Some(m));
         }
     };
+    if let Some(m) = ctx.refuse_for(&report.vm_uuid) {
+        return (Response::error(403, m.clone()), Some(m));
+    }
     match ctx.store.record_results(&report.vm_uuid, &report.results) {
         Ok((acknowledged, notes)) => {
             let mut note = format!(

@@ -204,8 +204,11 @@ impl<S: Read + Write> Conn<S> {
             let line = self.read_line()?;
             let text = String::from_utf8_lossy(&line);
             let size_txt = text.split(';').next().unwrap_or("").trim();
-            let size = u64::from_str_radix(size_txt, 16)
-                .map_err(|_| ReadError::Bad(format!("invalid chunk size {size_txt:?}")))?;
+            // from_str_radix alone takes a sign; a size is hex digits only.
+            let size = Some(size_txt)
+                .filter(|t| !t.is_empty() && t.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|t| u64::from_str_radix(t, 16).ok())
+                .ok_or_else(|| ReadError::Bad(format!("invalid chunk size {size_txt:?}")))?;
             if size == 0 {
                 // Trailers (ignored) up to the empty line.
                 loop {
@@ -214,11 +217,13 @@ impl<S: Read + Write> Conn<S> {
                     }
                 }
             }
-            if body.len() as u64 + size > max_body {
+            // Checked: a peer-chosen size such as ffffffffffffffff must not
+            // overflow (a panic aborts the whole server in release builds).
+            if (body.len() as u64).checked_add(size).is_none_or(|n| n > max_body) {
                 return Err(ReadError::TooLarge(format!("chunked request body is over the limit of {max_body} bytes")));
             }
-            let size = size as usize;
-            while self.buf.len() < size + 2 {
+            let size = size as usize; // at most max_body, so it fits
+            while self.buf.len() < size.saturating_add(2) {
                 if self.fill()? == 0 {
                     return Err(ReadError::Bad("connection closed inside a chunked body".into()));
                 }
@@ -270,6 +275,7 @@ pub fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -347,6 +353,15 @@ mod tests {
         assert!(matches!(c.read_request(10), Err(ReadError::TooLarge(_))));
         let mut c = conn("POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n");
         assert!(matches!(c.read_request(10), Err(ReadError::TooLarge(_))));
+        // Found in review: these sizes overflowed `len + size` and panicked.
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "8000000000000000"] {
+            let mut c = conn(&format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n{size}\r\n"));
+            assert!(matches!(c.read_request(10), Err(ReadError::TooLarge(_))), "{size}");
+        }
+        for size in ["+1", "-1", "", "1ffffffffffffffff"] {
+            let mut c = conn(&format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\na\r\n0\r\n\r\n"));
+            assert!(matches!(c.read_request(10), Err(ReadError::Bad(_))), "{size:?}");
+        }
         let mut c = conn("GARBAGE\r\n\r\n");
         assert!(matches!(c.read_request(10), Err(ReadError::Bad(_))));
     }

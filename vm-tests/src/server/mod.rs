@@ -302,14 +302,23 @@ fn serve_tls(tcp: TcpStream, tls: Arc<rustls::ServerConfig>, store: Arc<Store>, 
         }
     }
     let client_cert = s.conn.peer_certificates().map(|c| !c.is_empty()).unwrap_or(false);
-    let ctx = api::Ctx { store, peer: peer.clone(), client_cert, max_wait };
+    let cert_vms =
+        s.conn.peer_certificates().and_then(|c| c.first()).map(|c| pki::cert_vm_uuids(c)).unwrap_or_default();
+    let ctx = api::Ctx { store, peer: peer.clone(), client_cert, cert_vms, max_wait };
     request_loop(Conn::new(s), &peer, xcp_vm_agent::protocol::MAX_BODY_BYTES, &|req| api::route(&ctx, req));
 }
 
 fn serve_admin(tcp: TcpStream, store: Arc<Store>) {
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let Ok(local) = tcp.local_addr() else { return };
     let _ = tcp.set_nodelay(true);
     request_loop(Conn::new(tcp), &format!("admin {peer}"), xcp_vm_agent::protocol::MAX_BODY_BYTES, &|req| {
-        admin::route(&store, req)
+        match admin::refuse(req, local) {
+            Some(r) => {
+                let note = serde_json::from_slice::<serde_json::Value>(&r.body).ok().map(|v| v["error"].to_string());
+                (r, note)
+            }
+            None => admin::route(&store, req),
+        }
     });
 }

@@ -5,9 +5,10 @@
 //! Layout of the state directory:
 //! - `agents/<vm_uuid>.json`: the last check-in of each agent ([`AgentRecord`]).
 //! - `jobs/<id>.json`: each job with its status and result ([`JobRecord`]).
-//! - `results/<job_id>.json`: every result received for that job id, in
-//!   arrival order, including results for unknown jobs and ignored duplicates
-//!   ([`ResultLog`]).
+//! - `results/<job_id>.json`: the results received for that job id, in
+//!   arrival order, including ignored duplicates and other VMs' attempts, at
+//!   most [`MAX_RESULTS_PER_JOB`] ([`ResultLog`]). Results for ids this
+//!   server never issued are acknowledged but not stored.
 //!
 //! One mutex guards everything; a condition variable is notified on every
 //! change, which wakes held long-poll check-ins and admin waits.
@@ -22,6 +23,10 @@ use xcp_vm_agent::jobs::{Job, JobResult, Status};
 use xcp_vm_agent::protocol::CheckIn;
 
 use super::util::{now_ms, safe_file_stem, uuid_v4, write_json};
+
+/// Most results kept in one job's result log (applied, duplicates, other
+/// VMs'); more are acknowledged, logged and dropped.
+pub const MAX_RESULTS_PER_JOB: usize = 64;
 
 /// A job's state on the server. `queued` and `delivered` are the server's
 /// own; the others mirror the agent's [`Status`].
@@ -148,7 +153,7 @@ pub struct ReceivedResult {
     pub received_at: u64,
     pub vm_uuid: String,
     /// `applied`, `ignored_duplicate` (the job already had a final result),
-    /// `unknown_job`, or `wrong_vm` (the job belongs to another VM).
+    /// or `wrong_vm` (the job belongs to another VM).
     pub disposition: String,
     pub result: JobResult,
 }
@@ -378,7 +383,8 @@ impl Store {
     }
 
     /// Store results durably; returns the ids to acknowledge (all of them:
-    /// unknown jobs and duplicates are acknowledged too, and logged).
+    /// unknown jobs and duplicates are acknowledged too, and logged; results
+    /// for unknown jobs are not stored).
     pub fn record_results(&self, vm_uuid: &str, results: &[JobResult]) -> Result<(Vec<String>, Vec<String>)> {
         let mut acked = Vec::new();
         let mut notes = Vec::new();
@@ -423,9 +429,16 @@ impl Store {
             if disposition != "applied" {
                 notes.push(format!("result for job {} ({}): {disposition}", r.job_id, r.status.as_str()));
             }
-            // The result log is keyed by job id; an id that is not a safe file
-            // name (only possible for unknown jobs) is logged, not stored.
-            if safe_file_stem(&r.job_id) {
+            // Only results for jobs this server issued are kept, at most
+            // MAX_RESULTS_PER_JOB of them: a peer cannot grow the state
+            // directory with made-up ids or repeats. Refused ones are still
+            // acknowledged (so the agent's spool drains) and logged.
+            let kept = g.results.get(&r.job_id).map_or(0, |l| l.results.len());
+            if disposition == "unknown_job" {
+                notes.push(format!("job id {:?} is not a job of this server; result not stored", r.job_id));
+            } else if kept >= MAX_RESULTS_PER_JOB {
+                notes.push(format!("job {} already has {kept} results stored; this one is not", r.job_id));
+            } else if safe_file_stem(&r.job_id) {
                 let log = g
                     .results
                     .entry(r.job_id.clone())
