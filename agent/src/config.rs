@@ -138,6 +138,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
                     path.display()
                 );
             }
+            // The client's own parser: what check-config accepts, `run` can
+            // use (control characters, spaces, user, query refused alike).
+            crate::http::Target::parse(&s).with_context(|| format!("in {}", path.display()))?;
             Some(s)
         }
         None => None,
@@ -283,6 +286,12 @@ mod tests {
     fn wrong_types_and_values_are_errors() {
         assert!(p(r#"{"server_url": 5}"#).is_err());
         assert!(p(r#"{"server_url": "http://x"}"#).unwrap_err().to_string().contains("https://"));
+        // Found in review: a control character in the path passed validation
+        // and went into the request line (header injection).
+        for bad in [r#""https://x/a\r\nX-Injected: 1""#, r#""https://x/\u0000""#, r#""https://x/a b""#] {
+            let e = format!("{:#}", p(&format!(r#"{{"server_url": {bad}}}"#)).unwrap_err());
+            assert!(e.contains("control characters"), "{bad}: {e}");
+        }
         assert!(p(r#"{"check_in_interval": 0}"#).is_err());
         assert!(p(r#"{"log_level": "loud"}"#).is_err());
         assert!(p(r#"{"xenstore_publish": "maybe"}"#).is_err());

@@ -3,12 +3,19 @@
 //! static binary) to keep the agent inside its 2.2 MB size budget.
 //!
 //! - `Target`: `https://host[:port][/prefix]`, IPv4/IPv6 literals or DNS names.
-//! - `Proxy`: an `http://` proxy from HTTPS_PROXY (and friends) with NO_PROXY,
-//!   reached with a CONNECT tunnel.
+//! - `Proxy`: an `http://` proxy reached with a CONNECT tunnel, chosen from
+//!   the environment by curl's rules for an https URL: `https_proxy`,
+//!   `HTTPS_PROXY`, `all_proxy`, `ALL_PROXY` (never `HTTP_PROXY`), with
+//!   `no_proxy`/`NO_PROXY` matched as curl matches it.
 //! - `Https`: POST a body, read the answer (Content-Length, chunked, or until
-//!   the server closes), keep one connection alive between requests. A reused
-//!   connection found closed before any answer byte is replaced once; nothing
-//!   is retried once the answer has started.
+//!   the server closes), keep one connection alive between requests, reused
+//!   only when it is provably idle (nothing buffered, nothing waiting on the
+//!   socket). A reused connection found closed before any answer byte is
+//!   replaced once; nothing is retried once the answer has started.
+//! - Deadlines, not per-read timeouts: each phase (connect, proxy tunnel and
+//!   TLS handshake, sending the request, the answer's head, its body) must
+//!   finish within its time as a whole (`Timed`), so a peer that trickles
+//!   one byte at a time cannot hold the agent longer than the sum.
 //!
 //! The parsers work on `&mut dyn BufRead`, so they are compiled once and
 //! tested on byte slices. Every limit is enforced before data is read, and
@@ -18,7 +25,7 @@ use rustls::pki_types::ServerName;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest status line plus headers accepted (also for trailers).
 pub const MAX_HEAD_BYTES: u64 = 64 * 1024;
@@ -43,6 +50,9 @@ impl Target {
             .filter(|s| s.eq_ignore_ascii_case("https://"))
             .map(|_| &url[8..])
             .ok_or_else(|| anyhow!("server_url {url:?} must start with https://"))?;
+        if let Some(c) = url.chars().find(|c| c.is_control() || c.is_whitespace()) {
+            bail!("server_url {url:?} contains the character {c:?}: control characters and spaces are not allowed");
+        }
         let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         if auth.contains('@') || path.contains(['?', '#']) {
             bail!("server_url {url:?} must be https://host[:port][/prefix] (no user, query or fragment)");
@@ -103,8 +113,10 @@ pub struct Proxy {
     pub auth: Option<String>,
 }
 
-/// The variables naming a proxy, most specific first.
-const PROXY_VARS: &[&str] = &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"];
+/// The variables naming a proxy for an https URL, in the order curl reads
+/// them. `HTTP_PROXY`/`http_proxy` are for http URLs only: curl never uses
+/// them for https, and neither do we.
+const PROXY_VARS: &[&str] = &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"];
 
 impl Proxy {
     /// `[http://][user:password@]host[:port][/]` (port 80 by default).
@@ -124,8 +136,9 @@ impl Proxy {
         Ok(Proxy { host, port, auth })
     }
 
-    /// The proxy for `host` from the environment, if any (curl's rules:
-    /// HTTPS_PROXY, ALL_PROXY, then HTTP_PROXY; NO_PROXY exempts hosts).
+    /// The proxy for `host` from the environment, if any (curl's rules for
+    /// an https URL: https_proxy, HTTPS_PROXY, all_proxy, ALL_PROXY; no_proxy
+    /// or NO_PROXY exempts hosts).
     pub fn from_env(host: &str) -> Result<Option<Proxy>> {
         Proxy::lookup(&|k| std::env::var(k).ok(), host)
     }
@@ -133,7 +146,7 @@ impl Proxy {
     pub fn lookup(env: &dyn Fn(&str) -> Option<String>, host: &str) -> Result<Option<Proxy>> {
         let found = PROXY_VARS.iter().find_map(|k| env(k).filter(|v| !v.trim().is_empty()).map(|v| (k, v)));
         let Some((var, val)) = found else { return Ok(None) };
-        let no = env("NO_PROXY").or_else(|| env("no_proxy")).unwrap_or_default();
+        let no = env("no_proxy").or_else(|| env("NO_PROXY")).unwrap_or_default();
         if no_proxy_matches(&no, host) {
             return Ok(None);
         }
@@ -141,21 +154,44 @@ impl Proxy {
     }
 }
 
-/// Whether the NO_PROXY list `list` exempts `host`: `*` exempts all;
-/// `example.com`, `.example.com` and `*.example.com` exempt example.com and
-/// its subdomains; `10.*` or `10.` exempt names starting with `10.`.
+/// Whether the no_proxy list `list` exempts `host`, as curl (lib/noproxy.c)
+/// decides: entries separated by commas or whitespace; `*` alone exempts
+/// all; for a host name, an entry (a leading dot ignored, case ignored)
+/// exempts that name and its subdomains; for an IP address, an entry is an
+/// address or a CIDR range (`10.0.0.0/8`, `fd00::/8`) of the same family.
+/// Nothing else is a wildcard: `10.*` or `*.example.com` match nothing.
 pub fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-    list.split(',').map(|e| e.trim().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()).any(|e| {
-        if e.is_empty() {
-            false
-        } else if let Some(p) = e.strip_suffix('*') {
-            host.starts_with(p) // also `*` alone
-        } else if e.ends_with('.') {
-            host.starts_with(&e)
+    use std::net::IpAddr;
+    let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+    let ip = host.parse::<IpAddr>().ok();
+    let mut entries = list.split(|c: char| c == ',' || c.is_ascii_whitespace()).filter(|e| !e.is_empty());
+    if list.trim() == "*" {
+        return true;
+    }
+    entries.any(|e| {
+        let e = e.trim_start_matches('[').to_ascii_lowercase();
+        if let Some(ip) = ip {
+            let (addr, bits) = match e.split_once('/') {
+                Some((a, b)) => (a.trim_end_matches(']'), b.parse::<u32>().ok()),
+                None => (e.trim_end_matches(']'), None),
+            };
+            let Ok(net) = addr.parse::<IpAddr>() else { return false };
+            let (a, n, max) = match (ip, net) {
+                (IpAddr::V4(a), IpAddr::V4(n)) => (u32::from(a) as u128, u32::from(n) as u128, 32),
+                (IpAddr::V6(a), IpAddr::V6(n)) => (u128::from(a), u128::from(n), 128),
+                _ => return false,
+            };
+            let bits = match bits {
+                Some(b) if b > max => return false,
+                Some(b) => b,
+                None if e.contains('/') => return false,
+                None => max,
+            };
+            let shift = max - bits;
+            shift >= max || (a >> shift) == (n >> shift)
         } else {
-            let e = e.trim_start_matches('*').trim_start_matches('.');
-            host == e || host.strip_suffix(e).is_some_and(|r| r.ends_with('.'))
+            let e = e.strip_prefix('.').unwrap_or(&e).trim_end_matches('.');
+            !e.is_empty() && (host == e || host.strip_suffix(e).is_some_and(|r| r.ends_with('.')))
         }
     })
 }
@@ -399,19 +435,76 @@ pub fn request(host: &str, path: &str, user_agent: &str, content_type: &str, bod
     req
 }
 
+/// How long each phase of an exchange may take as a whole (deadlines, not
+/// per-read timeouts: a peer sending one byte a second gains nothing).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// TCP connect (to the server or the proxy).
+    /// TCP connect (to the server or the proxy), all addresses together.
     pub connect: Duration,
-    /// TLS handshake, proxy tunnel and sending the request.
+    /// The proxy tunnel and TLS handshake together; then, separately,
+    /// sending the request.
     pub send: Duration,
     /// From the request sent to the end of the answer's headers.
     pub head: Duration,
-    /// Between two reads of the body.
+    /// The whole body of the answer.
     pub body: Duration,
 }
 
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+/// A TCP stream whose reads and writes fail with `TimedOut` once
+/// `deadline` has passed: before each call the socket timeout is set to
+/// what is left.
+pub struct Timed {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+impl Timed {
+    pub fn new(tcp: TcpStream, within: Duration) -> Timed {
+        Timed { tcp, deadline: Instant::now() + within }
+    }
+
+    fn set(&mut self, within: Duration) {
+        self.deadline = Instant::now() + within;
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(ErrorKind::TimedOut, "deadline passed"));
+        }
+        Ok(left)
+    }
+
+    /// Whether a byte or the end of the connection is waiting (without
+    /// waiting for it).
+    fn has_input(&self) -> bool {
+        if self.tcp.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let r = self.tcp.peek(&mut [0u8; 1]);
+        let _ = self.tcp.set_nonblocking(false);
+        !matches!(r, Err(e) if e.kind() == ErrorKind::WouldBlock)
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.set_read_timeout(Some(self.left()?))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.set_write_timeout(Some(self.left()?))?;
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, Timed>;
 
 struct Conn {
     io: BufReader<Tls>,
@@ -493,44 +586,52 @@ impl Https {
         format!("https://{}{}{path}", self.target.authority(), self.target.prefix)
     }
 
-    fn tcp(&self, host: &str, port: u16) -> Result<TcpStream> {
+    /// Connect to `host:port`, every address tried within one deadline; the
+    /// stream then has `send` for the tunnel and the TLS handshake.
+    fn tcp(&self, host: &str, port: u16) -> Result<Timed> {
+        let t = self.timeouts;
         let addrs = (host, port).to_socket_addrs().with_context(|| format!("cannot resolve {host}"))?;
+        let deadline = Instant::now() + t.connect;
         let mut last = anyhow!("{host} has no address");
         for a in addrs {
-            match TcpStream::connect_timeout(&a, self.timeouts.connect) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(last.context(format!("timed out after {} s connecting to {host}", t.connect.as_secs())));
+            }
+            match TcpStream::connect_timeout(&a, left) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    s.set_read_timeout(Some(self.timeouts.send))?;
-                    s.set_write_timeout(Some(self.timeouts.send))?;
-                    return Ok(s);
+                    return Ok(Timed::new(s, t.send));
                 }
-                Err(e) => last = io_err(e, &format!("connecting to {a}"), self.timeouts.connect),
+                Err(e) => last = io_err(e, &format!("connecting to {a}"), t.connect),
             }
         }
         Err(last)
     }
 
     /// Open the CONNECT tunnel through `p` to the target.
-    fn tunnel(&self, p: &Proxy) -> Result<TcpStream> {
+    fn tunnel(&self, p: &Proxy) -> Result<Timed> {
         let what = format!("the proxy {}:{}", p.host, p.port);
-        let tcp = self.tcp(&p.host, p.port).with_context(|| format!("cannot reach {what}"))?;
+        let mut tcp = self.tcp(&p.host, p.port).with_context(|| format!("cannot reach {what}"))?;
         let to = self.target.host_port();
         let mut req = format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\nUser-Agent: {}\r\n", self.user_agent);
         if let Some(a) = &p.auth {
             req.push_str(&format!("Proxy-Authorization: Basic {a}\r\n"));
         }
         req.push_str("\r\n");
-        (&tcp)
-            .write_all(req.as_bytes())
+        tcp.write_all(req.as_bytes())
             .map_err(|e| io_err(e, &format!("sending CONNECT to {what}"), self.timeouts.send))?;
-        let mut rd = BufReader::new(&tcp);
-        let head = read_head(&mut rd).with_context(|| format!("{what} answered CONNECT {to} badly"))?;
+        let mut rd = BufReader::new(&mut tcp);
+        let head = read_head(&mut rd)
+            .map_err(|e| named_timeout(e, &format!("waiting for {what} to answer CONNECT"), self.timeouts.send))
+            .with_context(|| format!("{what} answered CONNECT {to} badly"))?;
         if !(200..300).contains(&head.status) {
             bail!("{what} refused to open a tunnel to {to}: HTTP {}", head.status);
         }
         if !rd.buffer().is_empty() {
             bail!("{what} sent data after its answer to CONNECT");
         }
+        drop(rd);
         Ok(tcp)
     }
 
@@ -549,16 +650,31 @@ impl Https {
         Ok(Conn { io: BufReader::new(s), used: false })
     }
 
+    /// Whether a kept-alive connection may carry the next request: nothing
+    /// left unread of the last answer, in our buffer, in rustls or on the
+    /// socket. Extra bytes (or the peer's close) mean it is not idle: reusing
+    /// it would read them as the next answer, one answer behind.
+    fn is_idle(c: &mut Conn) -> bool {
+        if !c.io.buffer().is_empty() {
+            return false;
+        }
+        let tls = c.io.get_mut();
+        match tls.conn.reader().read(&mut [0u8; 1]) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            _ => return false,
+        }
+        !tls.sock.has_input()
+    }
+
     /// Send `req` and wait for the first byte of the answer.
     fn send(&self, c: &mut Conn, req: &[u8]) -> Result<Sent> {
         let t = self.timeouts;
-        let sock = &c.io.get_ref().sock;
-        sock.set_write_timeout(Some(t.send))?;
-        sock.set_read_timeout(Some(t.head))?;
         let tls = c.io.get_mut();
+        tls.sock.set(t.send);
         if let Err(e) = tls.write_all(req).and_then(|_| tls.flush()) {
             return Ok(Sent::Closed(io_err(e, "sending the request", t.send)));
         }
+        tls.sock.set(t.head);
         match c.io.fill_buf() {
             Ok([]) => Ok(Sent::Closed(anyhow!(CLOSED_WITHOUT_ANSWER))),
             Ok(_) => Ok(Sent::Answering),
@@ -573,7 +689,7 @@ impl Https {
         let path = format!("{}{path}", self.target.prefix);
         let req = request(&self.target.authority(), &path, &self.user_agent, content_type, body);
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut c = match idle {
+        let mut c = match idle.and_then(|mut c| Self::is_idle(&mut c).then_some(c)) {
             Some(c) => c,
             None => self.connect().map_err(Failure::Reach)?,
         };
@@ -588,10 +704,10 @@ impl Https {
         let t = self.timeouts;
         let head =
             read_head(&mut c.io).map_err(|e| Failure::Reach(named_timeout(e, "waiting for the answer", t.head)))?;
-        let _ = c.io.get_ref().sock.set_read_timeout(Some(t.body));
+        c.io.get_mut().sock.set(t.body);
         let body = read_body(&mut c.io, &head, max)
             .map_err(|e| Failure::Body(named_timeout(e, "reading the body of the answer", t.body)))?;
-        if !head.close && c.io.buffer().is_empty() {
+        if !head.close && Self::is_idle(&mut c) {
             c.used = true;
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             if idle.is_none() {
@@ -643,10 +759,16 @@ mod tests {
             "https://u:p@x",
             "https://x/?a",
             "https://x:1x",
+            "https://x/a\r\nX-Injected: 1",
+            "https://x/a b",
+            "https://x/\u{7f}",
+            "https://x/a\tb",
+            "https://x\u{0}/",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad} should be refused");
         }
         assert!(err(Target::parse("https://x:abc")).contains("bad port"));
+        assert!(err(Target::parse("https://x/p\nq")).contains("control characters"));
     }
 
     #[test]
@@ -660,6 +782,16 @@ mod tests {
         let e = env(&[("HTTP_PROXY", "http://other:1"), ("HTTPS_PROXY", "proxy.lan")]);
         assert_eq!(Proxy::lookup(&e, "mgmt").unwrap().unwrap().port, 80);
         assert_eq!(Proxy::lookup(&e, "mgmt").unwrap().unwrap().host, "proxy.lan");
+        // Found in review: HTTP_PROXY was used for https; curl never does.
+        assert!(Proxy::lookup(&env(&[("HTTP_PROXY", "http://p:3128")]), "mgmt").unwrap().is_none());
+        assert!(Proxy::lookup(&env(&[("http_proxy", "http://p:3128")]), "mgmt").unwrap().is_none());
+        // curl reads the lower-case names first.
+        let e = env(&[("HTTPS_PROXY", "http://upper:1"), ("https_proxy", "http://lower:2")]);
+        assert_eq!(Proxy::lookup(&e, "mgmt").unwrap().unwrap().host, "lower");
+        let e = env(&[("ALL_PROXY", "http://upper:1"), ("all_proxy", "http://lower:2")]);
+        assert_eq!(Proxy::lookup(&e, "mgmt").unwrap().unwrap().host, "lower");
+        let e = env(&[("https_proxy", "http://p:1"), ("NO_PROXY", "other"), ("no_proxy", "mgmt")]);
+        assert!(Proxy::lookup(&e, "mgmt").unwrap().is_none(), "no_proxy is read before NO_PROXY");
         let p = Proxy::lookup(&env(&[("ALL_PROXY", "http://al%40ice:s3cret@[fd00::1]:8080")]), "mgmt").unwrap();
         let p = p.unwrap();
         assert_eq!((p.host.as_str(), p.port), ("fd00::1", 8080));
@@ -676,22 +808,32 @@ mod tests {
         assert!(Proxy::lookup(&env(&[("HTTPS_PROXY", "http://p:port")]), "mgmt").is_err());
     }
 
+    /// curl's rules (lib/noproxy.c): names match themselves and their
+    /// subdomains, IPs match addresses or CIDR ranges, `*` alone matches all,
+    /// nothing else is a wildcard.
     #[test]
     fn no_proxy_lists() {
-        let l = "localhost,127.0.0.1, *.corp.example ,.lan,10.*,192.168.,[::1]";
+        let l = "localhost,127.0.0.1, corp.example .lan,10.0.0.0/8 192.168.0.0/16,[::1],fd00::/8";
         for h in ["localhost", "LOCALHOST", "127.0.0.1", "a.corp.example", "corp.example", "x.lan", "10.1.2.3"] {
             assert!(no_proxy_matches(l, h), "{h}");
         }
-        for h in ["192.168.0.9", "::1", "[::1]"] {
+        for h in ["192.168.0.9", "::1", "[::1]", "fd12::1", "corp.example."] {
             assert!(no_proxy_matches(l, h), "{h}");
         }
-        for h in ["localhost.evil", "notcorp.example", "mylan", "110.1.2.3", "127.0.0.2", "example"] {
+        for h in ["localhost.evil", "notcorp.example", "mylan", "110.1.2.3", "127.0.0.2", "example", "fe80::1"] {
             assert!(!no_proxy_matches(l, h), "{h}");
         }
         assert!(no_proxy_matches("*", "anything"));
         assert!(!no_proxy_matches("", "anything"));
         assert!(!no_proxy_matches(" , ", "anything"));
         assert!(no_proxy_matches("example.com", "www.example.com"));
+        // Not curl's: these were our own wildcards and match nothing now.
+        assert!(!no_proxy_matches("10.*", "10.1.2.3"));
+        assert!(!no_proxy_matches("*.corp.example", "a.corp.example"));
+        assert!(!no_proxy_matches("192.168.", "192.168.0.9"));
+        assert!(!no_proxy_matches("10.0.0.0/33", "10.0.0.1"));
+        assert!(no_proxy_matches("0.0.0.0/0", "10.0.0.1"));
+        assert!(!no_proxy_matches("10.0.0.0/8", "::1"));
     }
 
     #[test]
@@ -853,6 +995,13 @@ mod tests {
         EchoThenDrop,
         /// Send half a status line, then close.
         Half,
+        /// Answer, then a moment later a second, unasked-for answer in a
+        /// TLS record of its own; keep the connection.
+        EchoThenExtra,
+        /// Answer the head at once, then the body one byte every 200 ms.
+        TrickleBody,
+        /// Send the head one byte every 200 ms.
+        TrickleHead,
     }
 
     struct Server {
@@ -901,11 +1050,29 @@ mod tests {
                                 let _ = w.flush();
                                 return;
                             }
-                            Act::Echo | Act::EchoThenDrop => {
+                            Act::Echo | Act::EchoThenDrop | Act::EchoThenExtra => {
                                 let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
                                 let _ = w.write_all(&body);
                                 let _ = w.flush();
                             }
+                            Act::TrickleBody | Act::TrickleHead => {
+                                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n";
+                                if let Act::TrickleBody = act {
+                                    let _ = w.write_all(head.as_bytes());
+                                }
+                                let bytes = if let Act::TrickleHead = act { head.as_bytes() } else { &[b' '; 1000] };
+                                for b in bytes {
+                                    std::thread::sleep(Duration::from_millis(200));
+                                    if w.write_all(&[*b]).and_then(|_| w.flush()).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        if let Act::EchoThenExtra = act {
+                            std::thread::sleep(Duration::from_millis(50));
+                            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE");
+                            let _ = w.flush();
                         }
                         if let Act::EchoThenDrop = act {
                             w.conn.send_close_notify();
@@ -922,6 +1089,70 @@ mod tests {
     fn timeouts() -> Timeouts {
         let s = Duration::from_secs(5);
         Timeouts { connect: s, send: s, head: s, body: s }
+    }
+
+    /// Found in review: an answer followed by extra bytes left the kept-alive
+    /// connection one answer behind (the next request read "STALE"). A
+    /// connection with anything unread is now dropped, not reused.
+    #[test]
+    fn extra_bytes_after_an_answer_are_never_read_as_the_next_one() {
+        let p = pki();
+        let s = server(&p, Act::EchoThenExtra);
+        let c = client(&p, &format!("https://127.0.0.1:{}", s.addr.port()), None);
+        for i in 0..3 {
+            let body = format!("{{\"n\":{i}}}");
+            assert_eq!(post(&c, &body).unwrap(), (200, body.into_bytes()), "request {i}");
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        assert_eq!(s.conns.load(Ordering::SeqCst), 3, "each connection with extra bytes was dropped");
+    }
+
+    /// Found in review: the timeouts applied to each read, so a server
+    /// sending a byte every 200 ms held the exchange for as long as it
+    /// liked. Each phase now has a deadline as a whole.
+    #[test]
+    fn a_trickling_peer_cannot_stretch_an_exchange_past_its_deadlines() {
+        let p = pki();
+        let one = Duration::from_secs(1);
+        for (act, phase) in [(Act::TrickleHead, "waiting for the answer"), (Act::TrickleBody, "reading the body")] {
+            let s = server(&p, act);
+            let c = Https::new(
+                Target::parse(&format!("https://127.0.0.1:{}", s.addr.port())).unwrap(),
+                None,
+                p.client.clone(),
+                "t".into(),
+                Timeouts { connect: one, send: one, head: one, body: one },
+            )
+            .unwrap();
+            let t0 = Instant::now();
+            let e = match post(&c, "{}") {
+                Err(Failure::Reach(e)) | Err(Failure::Body(e)) => format!("{e:#}"),
+                Ok(_) => panic!("a trickled answer cannot complete in time"),
+            };
+            let took = t0.elapsed();
+            assert!(took < Duration::from_millis(2500), "{phase}: took {took:?}");
+            assert!(e.contains("timed out after 1 s") && e.contains(phase), "{e}");
+        }
+        // The TLS handshake too: a peer that accepts and says nothing.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let conns: Vec<_> = l.incoming().take(1).collect();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(conns);
+        });
+        let c = Https::new(
+            Target::parse(&format!("https://127.0.0.1:{port}")).unwrap(),
+            None,
+            p.client.clone(),
+            "t".into(),
+            Timeouts { connect: one, send: one, head: one, body: one },
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let Err(Failure::Reach(e)) = post(&c, "{}") else { panic!("a silent peer cannot complete a handshake") };
+        assert!(t0.elapsed() < Duration::from_millis(2500), "{:?}", t0.elapsed());
+        assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
     }
 
     fn client(pki: &Pki, url: &str, proxy: Option<Proxy>) -> Https {

@@ -9,7 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod disk;
 pub mod failpoint;
-mod http;
+pub mod http;
 pub mod identity;
 pub mod jobs;
 pub mod logging;

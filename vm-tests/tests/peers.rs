@@ -4,10 +4,10 @@
 //! 127.0.0.1, hostile peers played by threads of this test.
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::time::Duration;
-use vm_tests::harness::{tls_client_config, ServerProc, TlsClient, World};
+use std::time::{Duration, Instant};
+use vm_tests::harness::{agent_bin, tls_client_config, wait_for, ServerProc, TlsClient, World};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_mgmt-server");
 
@@ -198,4 +198,180 @@ fn the_admin_api_refuses_what_a_web_page_could_send() {
     assert_eq!(st, 200, "{v}");
     let (st, v) = post(&format!("localhost:{}", a.port()), "application/json");
     assert_eq!(st, 200, "{v}");
+}
+
+// ---- The agent against hostile peers ----
+
+/// A TLS server with the world's PKI that reads one request and then sends
+/// its answer's head one byte every 500 ms, for ever.
+fn trickling_server(w: &World) -> SocketAddr {
+    let tls = vm_tests::server::tls_config(&w.pki, true).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for tcp in l.incoming().flatten() {
+            let tls = tls.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(tls).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                for b in b"HTTP/1.1 200 OK\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'a')) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    if s.write_all(&[*b]).and_then(|_| s.flush()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Found in review: the client's timeouts applied to each read, so a server
+/// (or anything in the path) sending a byte every 500 ms held the agent for
+/// days. Now the answer's head has a deadline as a whole (long_poll_seconds
+/// + 30 s): `once` gives up after 30 s with long_poll_seconds 0.
+#[test]
+fn a_trickling_server_cannot_hold_the_agent() {
+    let w = World::new("trickle", SERVER);
+    let addr = trickling_server(&w);
+    let agent = w.agent("agent", addr, json!({"long_poll_seconds": 0}));
+    agent_bin(); // built before the clock starts
+    let t0 = Instant::now();
+    let o = w.agent_cmd(&agent, &["once"], Duration::from_secs(90));
+    let took = t0.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "once succeeded against a trickling server: {text}");
+    assert!(took < Duration::from_secs(45), "once took {took:?} against a trickling server (deadline 30 s)");
+    assert!(text.contains("timed out after 30 s"), "{text}");
+}
+
+/// Found in review: `server_url` was checked for https:// only; a control
+/// character in its path went into the request line (header injection).
+/// check-config and run refuse it alike, before any connection.
+#[test]
+fn control_characters_in_server_url_are_refused_everywhere() {
+    let w = World::new("ctlurl", SERVER);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    for bad in [format!("https://127.0.0.1:{port}/a\r\nX-Injected: 1"), format!("https://127.0.0.1:{port}/a\u{7f}b")] {
+        let agent = w.agent("agent", "127.0.0.1:1".parse().unwrap(), json!({"server_url": bad}));
+        for args in [&["check-config"][..], &["once"]] {
+            let o = w.agent_cmd(&agent, args, Duration::from_secs(60));
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            assert!(!o.status.success(), "{args:?} accepted {bad:?}: {text}");
+            assert!(text.contains("control characters"), "{args:?}: {text}");
+        }
+    }
+    assert!(l.accept().is_err(), "the agent connected with a refused server_url");
+}
+
+/// Found in review: HTTP_PROXY (meant for http URLs) was used for https, and
+/// NO_PROXY took wildcards curl does not know while ignoring CIDR ranges.
+/// The real agent against the real server, with the environment curl reads.
+#[test]
+fn proxy_variables_follow_curl() {
+    let w = World::new("proxyenv", SERVER);
+    let s = w.start_server("state", &[]);
+    let agent = w.agent("agent", s.api, json!({}));
+    // Nothing listens on the proxies' ports: using one fails.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = format!("http://{dead}");
+    let once = |env: &[(&str, &str)]| {
+        let mut c = Command::new(agent_bin());
+        c.arg("--config").arg(&agent.config).arg("once").current_dir(&agent.dir);
+        for v in
+            ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"]
+        {
+            c.env_remove(v);
+        }
+        c.envs(env.iter().copied());
+        w.run_cmd(&mut c, Duration::from_secs(60))
+    };
+    assert!(once(&[("HTTP_PROXY", &dead), ("http_proxy", &dead)]).status.success(), "HTTP_PROXY used for https");
+    assert!(once(&[("HTTPS_PROXY", &dead), ("NO_PROXY", "127.0.0.0/8")]).status.success(), "NO_PROXY CIDR ignored");
+    assert!(
+        once(&[("https_proxy", &dead), ("no_proxy", ".0.0.1")]).status.success() == false,
+        "a suffix of an IP is no match"
+    );
+    let o = once(&[("HTTPS_PROXY", &dead)]);
+    assert!(!o.status.success(), "HTTPS_PROXY must be used");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("proxy"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn status_agent(w: &World) -> (SocketAddr, vm_tests::harness::AgentProc, ServerProc) {
+    let s = w.start_server("state", &[]);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let agent = w.agent("agent", s.api, json!({"status_listen": addr.to_string()}));
+    let d = w.spawn_agent(&agent, &["run"]);
+    wait_for(Duration::from_secs(60), || TcpStream::connect(addr).ok()).expect("status endpoint never listened");
+    (addr, d, s)
+}
+
+fn health(addr: SocketAddr) -> Option<u16> {
+    let mut t = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    t.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    t.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    t.read_to_string(&mut raw).ok()?;
+    raw.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Found in review: the status endpoint read a request line without a
+/// length limit (a client could make the agent buffer any amount) and its
+/// 5 s timeout applied to each read, so a client sending a byte every
+/// second held the endpoint (one thread, one client at a time) for ever.
+#[test]
+fn the_status_endpoint_bounds_what_a_client_sends() {
+    let w = World::new("statusbound", SERVER);
+    let (addr, mut d, _s) = status_agent(&w);
+    // 16 MiB of request line: the agent stops reading after 8 KiB and
+    // answers 414, so the writes fail (or the answer is 414).
+    let mut t = TcpStream::connect(addr).unwrap();
+    t.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0usize;
+    t.write_all(b"GET /").unwrap();
+    while sent < 16 << 20 {
+        if t.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let mut raw = String::new();
+    let _ = t.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = t.read_to_string(&mut raw);
+    assert!(sent < 16 << 20 || raw.starts_with("HTTP/1.1 414"), "the agent read {sent} bytes of request line: {raw:?}");
+
+    // A trickler: one header byte a second. Another client is answered
+    // within the deadline (5 s) and the trickler is cut off.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    let trickle = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if slow.write_all(b"X").is_err() {
+                return t0.elapsed();
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        t0.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    assert_eq!(health(addr), Some(200), "another client got no answer");
+    assert!(t0.elapsed() < Duration::from_secs(10), "another client waited {:?}", t0.elapsed());
+    let held = trickle.join().unwrap();
+    assert!(held < Duration::from_secs(15), "the trickler held its connection {held:?}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
 }
