@@ -24,6 +24,30 @@ const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
 ];
 
+/// The server answered with a status outside 2xx.
+#[derive(Debug)]
+pub struct HttpRefusal {
+    pub url: String,
+    pub status: u16,
+    pub reason: String,
+}
+
+impl std::fmt::Display for HttpRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "server answered {} with HTTP {}: {}", self.url, self.status, self.reason)
+    }
+}
+
+impl std::error::Error for HttpRefusal {}
+
+impl HttpRefusal {
+    /// A refusal that sending the same request again cannot change: a 4xx
+    /// other than 401/403 (credentials may be fixed), 408 and 429 (try later).
+    pub fn is_final(&self) -> bool {
+        (400..500).contains(&self.status) && ![401, 403, 408, 429].contains(&self.status)
+    }
+}
+
 pub struct Client {
     http: Https,
     has_client_cert: bool,
@@ -119,7 +143,7 @@ impl Client {
             let reason = serde_json::from_str::<crate::protocol::ErrorBody>(&text)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| snippet(&text));
-            bail!("server answered {url} with HTTP {status}: {reason}");
+            return Err(HttpRefusal { url, status, reason }.into());
         }
         serde_json::from_str(&text)
             .map_err(|e| anyhow!("server sent malformed JSON for {url} ({e}); body starts: {}", snippet(&text)))

@@ -24,7 +24,37 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::jobs::{self, Job, JobContext, JobResult, Status};
 use crate::protocol::{CheckIn, ResultsReport, PROTOCOL_VERSION};
-use crate::state::State;
+use crate::state::{Spooled, State};
+
+/// Most bytes of results in one results request (the server takes 4 MiB).
+pub const REQUEST_BUDGET: usize = 1 << 20;
+/// Results requests made before a check-in, so a long spool does not delay
+/// it; the rest go after it.
+const REQUESTS_BEFORE_CHECKIN: usize = 4;
+/// How a result the server refused for good begins once replaced.
+const REFUSED_NOTE: &str = "the server refused this job's result for good";
+
+fn is_final_refusal(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::client::HttpRefusal>().is_some_and(|r| r.is_final())
+}
+
+/// What a failed I/O call said, with its errno name: "No space left on
+/// device (os error 28, ENOSPC)".
+fn io_cause(e: &anyhow::Error) -> String {
+    for c in e.chain() {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if let Some(n) = io.raw_os_error() {
+                let name = format!("{:?}", nix::errno::Errno::from_raw(n));
+                let text = io.to_string();
+                return match text.strip_suffix(&format!("(os error {n})")) {
+                    Some(t) => format!("{t}(errno {n}, {name})"),
+                    None => format!("{text} (errno {n}, {name})"),
+                };
+            }
+        }
+    }
+    format!("{e:#}")
+}
 
 /// What the status endpoint reports.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -86,6 +116,12 @@ pub struct Agent {
     /// The disk inventory and when it was taken; refreshed at most every
     /// [`INVENTORY_MAX_AGE`], and after every job.
     inventory: Option<(Instant, Value)>,
+    /// Results that could not be written to the spool (full disk): sent
+    /// from memory.
+    unspooled: Vec<JobResult>,
+    /// Markers of a previous life not yet turned into results (the disk
+    /// was full at start-up): retried every cycle.
+    recovery_due: bool,
 }
 
 /// How long a disk inventory is reused between check-ins.
@@ -99,7 +135,17 @@ impl Agent {
         for w in &identity.warnings {
             tracing::warn!("{w}");
         }
-        Ok(Agent { cfg, client, state, sampler: Default::default(), shared, identity, inventory: None })
+        Ok(Agent {
+            cfg,
+            client,
+            state,
+            sampler: Default::default(),
+            shared,
+            identity,
+            inventory: None,
+            unspooled: Vec::new(),
+            recovery_due: true,
+        })
     }
 
     /// Take a new configuration (SIGHUP): a new client, and a new state
@@ -111,9 +157,8 @@ impl Agent {
         }
         let client = Client::new(&cfg)?;
         if cfg.state_dir != self.cfg.state_dir {
-            let mut state = State::open(&cfg.state_dir)?;
-            state.recover_interrupted()?;
-            self.state = state;
+            self.state = State::open(&cfg.state_dir)?;
+            self.recovery_due = true;
         }
         self.client = client;
         self.cfg = cfg;
@@ -150,25 +195,126 @@ impl Agent {
         }
     }
 
-    /// Send every spooled result; drop those the server acknowledged.
-    pub fn deliver_results(&mut self) -> Result<usize> {
-        let pending = self.state.pending();
+    /// Send spooled results (and those that could not be spooled), at most
+    /// `max_requests` requests of at most [`REQUEST_BUDGET`] bytes each;
+    /// drop those the server acknowledged. A result the server refuses for
+    /// good is replaced by a small `failed` result saying why, and if that
+    /// is refused too it is dropped (logged), so the spool always drains.
+    pub fn deliver_results(&mut self, max_requests: usize) -> Result<usize> {
         let mut delivered = 0;
-        for batch in pending.chunks(16) {
-            let report = ResultsReport { vm_uuid: self.identity.vm_uuid.clone(), results: batch.to_vec() };
-            let ack = self.client.send_results(&report).context("delivering job results")?;
-            let ours: Vec<String> =
-                ack.acknowledged.into_iter().filter(|id| batch.iter().any(|r| &r.job_id == id)).collect();
-            delivered += ours.len();
-            self.state.acknowledge(&ours)?;
-            if ours.len() < batch.len() {
-                bail!("the server acknowledged {} of {} results; the rest stay in the spool", ours.len(), batch.len());
+        let mut requests = 0;
+        if !self.unspooled.is_empty() {
+            let batch: Vec<JobResult> = self.unspooled.iter().take(16).cloned().collect();
+            requests += 1;
+            match self.send(batch.clone()) {
+                Ok(ours) => {
+                    delivered += ours.len();
+                    self.unspooled.retain(|r| !ours.contains(&r.job_id));
+                }
+                Err(e) if is_final_refusal(&e) => {
+                    tracing::error!("results that could not be spooled were refused for good, dropped: {e:#}");
+                    self.unspooled.retain(|r| !batch.iter().any(|b| b.job_id == r.job_id));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let pending = self.state.pending();
+        let mut i = 0;
+        while i < pending.len() && requests < max_requests {
+            let mut batch: Vec<&Spooled> = Vec::new();
+            let mut bytes = 0;
+            while i < pending.len() && batch.len() < 16 {
+                let n = serde_json::to_vec(&pending[i].result).map(|v| v.len()).unwrap_or(0);
+                if !batch.is_empty() && bytes + n > REQUEST_BUDGET {
+                    break;
+                }
+                bytes += n;
+                batch.push(&pending[i]);
+                i += 1;
+            }
+            requests += 1;
+            match self.send(batch.iter().map(|s| s.result.clone()).collect()) {
+                Ok(ours) => {
+                    let done: Vec<&Spooled> =
+                        batch.iter().copied().filter(|s| ours.contains(&s.result.job_id)).collect();
+                    delivered += done.len();
+                    self.state.acknowledge(&done)?;
+                    if done.len() < batch.len() {
+                        bail!(
+                            "the server acknowledged {} of {} results; the rest stay in the spool",
+                            done.len(),
+                            batch.len()
+                        );
+                    }
+                }
+                Err(e) if is_final_refusal(&e) => {
+                    // Find the culprit: one by one, each refused one replaced.
+                    for s in batch {
+                        requests += 1;
+                        delivered += self.deliver_alone(s)?;
+                    }
+                }
+                Err(e) => return Err(e.context("delivering job results")),
             }
         }
         if delivered > 0 {
             tracing::info!(delivered, "job results delivered");
         }
         Ok(delivered)
+    }
+
+    /// Send one result; ids the server acknowledged.
+    fn send(&self, results: Vec<JobResult>) -> Result<Vec<String>> {
+        let ids: Vec<String> = results.iter().map(|r| r.job_id.clone()).collect();
+        let report = ResultsReport { vm_uuid: self.identity.vm_uuid.clone(), results };
+        let ack = self.client.send_results(&report)?;
+        Ok(ack.acknowledged.into_iter().filter(|id| ids.contains(id)).collect())
+    }
+
+    /// Deliver one spooled result; when the server refuses it for good,
+    /// replace it by a small `failed` result saying why and send that.
+    fn deliver_alone(&mut self, s: &Spooled) -> Result<usize> {
+        let e = match self.send(vec![s.result.clone()]) {
+            Ok(ours) if !ours.is_empty() => {
+                self.state.acknowledge(&[s])?;
+                return Ok(1);
+            }
+            Ok(_) => bail!("the server did not acknowledge the result of job {}", s.result.job_id),
+            Err(e) if is_final_refusal(&e) => e,
+            Err(e) => return Err(e.context("delivering job results")),
+        };
+        let size = serde_json::to_vec(&s.result).map(|v| v.len()).unwrap_or(0);
+        tracing::error!(job = %s.result.job_id, "the server refused this result for good ({e:#}); replacing it by a note");
+        let mut r = JobResult::failed(format!(
+            "{REFUSED_NOTE} ({e:#}); the agent's result (status {}, {size} bytes of JSON) was replaced by this note",
+            s.result.status.as_str()
+        ))
+        .with_details(json!({"original_status": s.result.status.as_str(), "original_bytes": size}));
+        r.job_id = s.result.job_id.clone();
+        r.operation = s.result.operation.clone();
+        r.started_at = s.result.started_at;
+        r.finished_at = s.result.finished_at;
+        r.duration_ms = s.result.duration_ms;
+        if s.result.message.starts_with(REFUSED_NOTE) {
+            // Already the note: nothing smaller to send.
+            tracing::error!(job = %r.job_id, "the server refused the note too; dropping the result");
+            self.state.acknowledge(&[s])?;
+            return Ok(0);
+        }
+        self.state.replace(s, &r)?;
+        match self.send(vec![r]) {
+            Ok(ours) if !ours.is_empty() => {
+                self.state.acknowledge(&[s])?;
+                Ok(1)
+            }
+            Ok(_) => bail!("the server did not acknowledge the result of job {}", s.result.job_id),
+            Err(e) if is_final_refusal(&e) => {
+                tracing::error!(job = %s.result.job_id, "the server refused the note too ({e:#}); dropping the result");
+                self.state.acknowledge(&[s])?;
+                Ok(0)
+            }
+            Err(e) => Err(e.context("delivering job results")),
+        }
     }
 
     /// Tell the server a job started (best effort; not spooled).
@@ -180,6 +326,40 @@ impl Agent {
         let report = ResultsReport { vm_uuid: self.identity.vm_uuid.clone(), results: vec![r] };
         if let Err(e) = self.client.send_results(&report) {
             tracing::debug!(job = %job.id, "could not report running: {e:#}");
+        }
+    }
+
+    /// Record a job's start; when that cannot be done (full disk), answer
+    /// it `failed` from memory without running it.
+    fn record_start(&mut self, job: &Job) -> bool {
+        match self.state.begin(job) {
+            Ok(()) => true,
+            Err(e) => {
+                let dir = self.cfg.state_dir.display().to_string();
+                let cause = io_cause(&e);
+                tracing::error!(job = %job.id, "job not run: cannot record its start in {dir}: {e:#}");
+                self.state.forget_start(job);
+                let mut r = JobResult::failed(format!(
+                    "not run: the agent cannot record this job in its state directory {dir}: {cause}; free space \
+                     there and queue the job again"
+                ))
+                .with_details(json!({"state_dir": dir, "error": format!("{e:#}")}));
+                r.job_id = job.id.clone();
+                r.operation = job.operation.clone();
+                r.started_at = jobs::now_unix();
+                r.finished_at = r.started_at;
+                self.unspooled.push(r);
+                false
+            }
+        }
+    }
+
+    /// Spool a final result; when the spool cannot take it, keep it in
+    /// memory for delivery.
+    fn record_finish(&mut self, r: JobResult) {
+        if let Err(e) = self.state.finish(&r) {
+            tracing::error!(job = %r.job_id, "cannot spool the result, delivering it from memory: {e:#}");
+            self.unspooled.push(r.bounded(crate::state::RESULT_MAX_BYTES));
         }
     }
 
@@ -205,12 +385,15 @@ impl Agent {
                     operation: raw["operation"].as_str().unwrap_or("").into(),
                     params: Value::Null,
                 };
-                self.state.begin(&j)?;
+                if !self.record_start(&j) {
+                    return Ok(());
+                }
                 let mut r = JobResult::refused(format!("malformed job: {e}"));
                 r.job_id = id;
                 r.operation = j.operation;
                 r.finished_at = jobs::now_unix();
-                return self.state.finish(&r);
+                self.record_finish(r);
+                return Ok(());
             }
         };
         if job.id.is_empty() || job.id.len() > 256 {
@@ -235,25 +418,47 @@ impl Agent {
                 self.0.cv.notify_all();
             }
         }
-        let _guard = NotBusy(&self.shared);
-        self.state.begin(&job).with_context(|| format!("cannot record the start of job {}", job.id))?;
+        let shared = self.shared.clone();
+        let _guard = NotBusy(&shared);
+        if !self.record_start(&job) {
+            return Ok(());
+        }
         tracing::info!(job = %job.id, operation = %job.operation, "job started");
         self.report_running(&job);
         let mut ctx = JobContext::new(self.cfg.state_dir.clone(), self.cfg.fstab_path.clone(), false);
         ctx.cancel = self.shared.cancel.clone();
         let r = jobs::execute(&ctx, &job, &self.cfg.allowed_operations);
         tracing::info!(job = %job.id, status = r.status.as_str(), "job finished: {}", r.message);
-        self.state.finish(&r)?;
+        self.record_finish(r);
         // A job may have changed the disks: take a new inventory next time.
         self.inventory = None;
         self.shared.health.lock().unwrap().jobs_run += 1;
         Ok(())
     }
 
-    /// One cycle. Returns how many jobs arrived.
+    /// One cycle. Returns how many jobs arrived. Result delivery failing
+    /// does not keep the check-in from happening.
     pub fn cycle(&mut self, wait_seconds: u64) -> Result<usize> {
-        if self.state.pending_count() > 0 {
-            self.deliver_results()?;
+        if self.recovery_due {
+            match self.state.recover_interrupted() {
+                Ok(n) => {
+                    self.recovery_due = false;
+                    if n > 0 {
+                        tracing::warn!(
+                            recovered = n,
+                            "jobs cut off by an earlier stop will be reported as interrupted"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!("cannot turn the running markers of an earlier run into results yet: {e:#}"),
+            }
+        }
+        let mut delivery: Result<usize> = Ok(0);
+        if self.state.pending_count() > 0 || !self.unspooled.is_empty() {
+            delivery = self.deliver_results(REQUESTS_BEFORE_CHECKIN);
+            if let Err(e) = &delivery {
+                tracing::warn!("result delivery failed, checking in anyway: {e:#}");
+            }
         }
         let msg = self.checkin_message(wait_seconds);
         let jobs = self.client.checkin(&msg)?;
@@ -265,8 +470,8 @@ impl Agent {
             }
             self.handle(raw)?;
         }
-        if n > 0 {
-            self.deliver_results()?;
+        if n > 0 || delivery.is_err() || self.state.pending_count() > 0 || !self.unspooled.is_empty() {
+            self.deliver_results(usize::MAX)?;
         }
         Ok(n)
     }
@@ -297,12 +502,8 @@ fn trunc(s: &str) -> String {
 pub fn once(cfg: Config) -> Result<()> {
     let shared = Arc::new(Shared::default());
     let mut agent = Agent::new(cfg, shared)?;
-    let recovered = agent.state.recover_interrupted()?;
-    if recovered > 0 {
-        tracing::warn!(recovered, "jobs cut off by an earlier stop will be reported as interrupted");
-    }
     let n = agent.cycle(0).context("check-in failed")?;
-    let left = agent.state.pending_count();
+    let left = agent.state.pending_count() + agent.unspooled.len();
     if left > 0 {
         bail!("{left} job result(s) could not be delivered and stay in the spool");
     }
@@ -416,10 +617,6 @@ pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
             }
         }
     };
-    let recovered = agent.state.recover_interrupted()?;
-    if recovered > 0 {
-        tracing::warn!(recovered, "jobs cut off by an earlier stop will be reported as interrupted");
-    }
     tracing::info!(
         server = agent.cfg.server_url.as_deref().unwrap_or(""),
         vm_uuid = %agent.identity.vm_uuid,

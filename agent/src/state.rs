@@ -1,12 +1,15 @@
 //! The agent's durable state in `state_dir` (default `/var/lib/xcp-vm-agent`):
 //!
 //! - `agent.lock`: flock held by the one agent process using this directory;
-//! - `seen-jobs`: ids of jobs already started, newest last, bounded to
+//! - `seen-jobs`: ids of jobs already started, one JSON string a line (so an
+//!   id holding a newline stays one id), newest last, bounded to
 //!   [`SEEN_LIMIT`], so a job delivered twice runs at most once, across restarts;
-//! - `running/<id>.json`: a marker written (and fsynced) before a job starts
-//!   and removed once its result is spooled; a marker found at start-up means
-//!   the agent died mid-job, and becomes an `interrupted` result;
-//! - `spool/<id>.json`: results not yet acknowledged by the server;
+//! - `running/<stem>.json`: a marker written (and fsynced) before a job starts
+//!   and removed (directory fsynced) once its result is spooled; a marker
+//!   found at start-up with no spooled result means the agent died mid-job,
+//!   and becomes an `interrupted` result; a spooled result always wins;
+//! - `spool/<stem>.json`: results not yet acknowledged by the server, each
+//!   bounded to [`RESULT_MAX_BYTES`] when it is made;
 //! - `scripts/`: private (0700) files for RunScript.
 //!
 //! Every file is written to a temporary name, fsynced, renamed and the
@@ -31,7 +34,14 @@ pub struct State {
     _lock: nix::fcntl::Flock<File>,
 }
 
-/// A file name for a job id: the id itself when it is plain, else hex.
+/// Largest serialized result kept in the spool (and so sent in one piece);
+/// larger results are cut when they are made ([`JobResult::bounded`]).
+pub const RESULT_MAX_BYTES: usize = 256 * 1024;
+
+/// A file name for a job id: the id itself when it is plain (letters,
+/// digits, `-_.`, at most 100 bytes), else `=` and the SHA-256 of the whole
+/// id in hex. `=` never starts a plain id, so the two kinds cannot collide,
+/// and ids sharing a long prefix get different names.
 pub fn file_stem(id: &str) -> String {
     if !id.is_empty()
         && id.len() <= 100
@@ -40,8 +50,42 @@ pub fn file_stem(id: &str) -> String {
     {
         id.to_string()
     } else {
-        let hex: String = id.bytes().take(100).map(|b| format!("{b:02x}")).collect();
-        format!("x{hex}")
+        let d = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
+        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("={hex}")
+    }
+}
+
+/// One line of `seen-jobs` for an id: a JSON string.
+fn seen_line(id: &str) -> String {
+    serde_json::to_string(id).unwrap_or_default()
+}
+
+/// An id from one line of `seen-jobs`: a JSON string, or (written by
+/// versions before 1.1) the id itself.
+fn parse_seen_line(line: &str) -> String {
+    if line.starts_with('"') {
+        if let Ok(id) = serde_json::from_str::<String>(line) {
+            return id;
+        }
+    }
+    line.to_string()
+}
+
+/// A result waiting in the spool, and the file that holds it.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub path: PathBuf,
+    pub result: JobResult,
+}
+
+/// Remove a file if it is there and fsync its directory, so the removal
+/// survives a crash.
+fn remove_durably(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Ok(()) => fsync_dir(p.parent().unwrap_or(Path::new("."))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
     }
 }
 
@@ -125,7 +169,7 @@ impl State {
         };
         for line in text.lines().filter(|l| !l.is_empty()) {
             self.seen_lines_on_disk += 1;
-            self.remember(line.to_string());
+            self.remember(parse_seen_line(line));
         }
         Ok(())
     }
@@ -162,7 +206,7 @@ impl State {
         self.remember(id.to_string());
         let p = self.dir.join("seen-jobs");
         if self.seen_lines_on_disk >= 2 * SEEN_LIMIT {
-            let text: String = self.seen.iter().map(|s| format!("{}\n", s.replace('\n', " "))).collect();
+            let text: String = self.seen.iter().map(|s| format!("{}\n", seen_line(s))).collect();
             write_atomic(&p, text.as_bytes())?;
             self.seen_lines_on_disk = self.seen.len();
         } else {
@@ -172,7 +216,7 @@ impl State {
                 .mode(0o600)
                 .open(&p)
                 .with_context(|| format!("cannot open {}", p.display()))?;
-            writeln!(f, "{}", id.replace('\n', " "))
+            writeln!(f, "{}", seen_line(id))
                 .and_then(|_| f.sync_all())
                 .with_context(|| format!("cannot write {}", p.display()))?;
             self.seen_lines_on_disk += 1;
@@ -180,15 +224,34 @@ impl State {
         Ok(())
     }
 
-    /// Put a result in the spool (durably), then drop the job's running marker.
+    /// A start [`State::begin`] could not record (full disk): drop its
+    /// marker if that got written; the id is remembered for this process's
+    /// life, so a redelivery is not answered twice.
+    pub fn forget_start(&mut self, job: &Job) {
+        let _ = remove_durably(&self.marker_path(&job.id));
+        self.remember(job.id.clone());
+    }
+
+    fn spool_path(&self, id: &str) -> PathBuf {
+        self.dir.join("spool").join(format!("{}.json", file_stem(id)))
+    }
+
+    fn marker_path(&self, id: &str) -> PathBuf {
+        self.dir.join("running").join(format!("{}.json", file_stem(id)))
+    }
+
+    /// Put a result in the spool (durably, cut to [`RESULT_MAX_BYTES`]),
+    /// then drop the job's running marker (durably).
     pub fn finish(&mut self, result: &JobResult) -> Result<()> {
-        let stem = file_stem(&result.job_id);
-        write_atomic(&self.dir.join("spool").join(format!("{stem}.json")), &serde_json::to_vec(result)?)?;
-        match fs::remove_file(self.dir.join("running").join(format!("{stem}.json"))) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        let bounded = result.clone().bounded(RESULT_MAX_BYTES);
+        write_atomic(&self.spool_path(&result.job_id), &serde_json::to_vec(&bounded)?)?;
+        remove_durably(&self.marker_path(&result.job_id))
+    }
+
+    /// Replace a spooled result (the server refused it for good) by another.
+    pub fn replace(&mut self, spooled: &Spooled, result: &JobResult) -> Result<()> {
+        let bounded = result.clone().bounded(RESULT_MAX_BYTES);
+        write_atomic(&spooled.path, &serde_json::to_vec(&bounded)?)
     }
 
     /// Turn the running markers of a previous life into `interrupted` results.
@@ -207,6 +270,13 @@ impl State {
                 Some(j) => (j.id, j.operation),
                 None => (name.trim_end_matches(".json").to_string(), String::new()),
             };
+            // The job finished and its result is spooled; only the marker's
+            // removal was cut off. The real result wins over `interrupted`.
+            if self.spool_path(&id).exists() || self.dir.join("spool").join(&name).exists() {
+                self.record_seen(&id)?;
+                remove_durably(&e.path())?;
+                continue;
+            }
             let mut r = JobResult::new(
                 Status::Interrupted,
                 "the agent stopped while this job was running (killed, crashed or the machine rebooted); it was not \
@@ -217,16 +287,17 @@ impl State {
             r.finished_at = crate::jobs::now_unix();
             self.record_seen(&r.job_id)?;
             tracing::warn!(job = %r.job_id, "job was interrupted by an agent stop; reporting it as interrupted");
-            self.finish(&r)?;
+            write_atomic(&self.spool_path(&r.job_id), &serde_json::to_vec(&r)?)?;
+            remove_durably(&e.path())?;
             n += 1;
         }
         Ok(n)
     }
 
     /// Results waiting for acknowledgement, oldest first.
-    pub fn pending(&self) -> Vec<JobResult> {
+    pub fn pending(&self) -> Vec<Spooled> {
         let dir = self.dir.join("spool");
-        let mut v: Vec<(std::time::SystemTime, JobResult)> = Vec::new();
+        let mut v: Vec<(std::time::SystemTime, Spooled)> = Vec::new();
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -237,14 +308,17 @@ impl State {
                     .map_err(anyhow::Error::from)
                     .and_then(|b| Ok(serde_json::from_slice::<JobResult>(&b)?))
                 {
-                    Ok(r) => v.push((e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), r)),
+                    Ok(r) => v.push((
+                        e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH),
+                        Spooled { path: e.path(), result: r },
+                    )),
                     Err(err) => {
                         tracing::error!(file = %e.path().display(), "unreadable spooled result kept aside: {err:#}")
                     }
                 }
             }
         }
-        v.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.job_id.cmp(&b.1.job_id)));
+        v.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.result.job_id.cmp(&b.1.result.job_id)));
         v.into_iter().map(|(_, r)| r).collect()
     }
 
@@ -261,17 +335,17 @@ impl State {
             .unwrap_or(0)
     }
 
-    /// Drop acknowledged results from the spool.
-    pub fn acknowledge(&mut self, ids: &[String]) -> Result<()> {
-        for id in ids {
-            let p = self.dir.join("spool").join(format!("{}.json", file_stem(id)));
-            match fs::remove_file(&p) {
+    /// Drop acknowledged (or given up) results from the spool.
+    pub fn acknowledge(&mut self, done: &[&Spooled]) -> Result<()> {
+        for s in done {
+            let p = &s.path;
+            match fs::remove_file(p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
             }
         }
-        if !ids.is_empty() {
+        if !done.is_empty() {
             fsync_dir(&self.dir.join("spool"))?;
         }
         Ok(())
@@ -316,9 +390,10 @@ mod tests {
         s.finish(&r).unwrap();
         drop(s);
         let mut s = State::open(d.path()).unwrap();
-        assert_eq!(s.pending().len(), 1);
-        assert_eq!(s.pending()[0].job_id, "a/b");
-        s.acknowledge(&["a/b".into()]).unwrap();
+        let p = s.pending();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].result.job_id, "a/b");
+        s.acknowledge(&[&p[0]]).unwrap();
         assert_eq!(s.pending_count(), 0);
     }
 
@@ -332,8 +407,8 @@ mod tests {
         let mut s = State::open(d.path()).unwrap();
         assert_eq!(s.recover_interrupted().unwrap(), 1);
         let p = s.pending();
-        assert_eq!(p[0].status, Status::Interrupted);
-        assert_eq!(p[0].operation, "RunScript");
+        assert_eq!(p[0].result.status, Status::Interrupted);
+        assert_eq!(p[0].result.operation, "RunScript");
         assert_eq!(s.recover_interrupted().unwrap(), 0);
     }
 
@@ -348,7 +423,88 @@ mod tests {
     #[test]
     fn odd_ids_get_safe_file_names() {
         assert_eq!(file_stem("abc-1"), "abc-1");
-        assert_eq!(file_stem("../x"), "x2e2e2f78");
+        let s = file_stem("../x");
+        assert!(s.starts_with('=') && s.len() == 65 && !s.contains('/'), "{s}");
         assert_ne!(file_stem(""), "");
+    }
+
+    /// Failed before: names were the hex of the first 100 bytes, so two
+    /// long ids with a common prefix shared one spool file.
+    #[test]
+    fn long_ids_sharing_a_prefix_get_their_own_spool_files() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let a = format!("{}-a", "p".repeat(120));
+        let b = format!("{}-b", "p".repeat(120));
+        assert_ne!(file_stem(&a), file_stem(&b));
+        for id in [&a, &b] {
+            s.begin(&job(id)).unwrap();
+            let mut r = JobResult::succeeded("ok");
+            r.job_id = id.clone();
+            s.finish(&r).unwrap();
+        }
+        let mut ids: Vec<String> = s.pending().into_iter().map(|p| p.result.job_id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![a, b]);
+    }
+
+    /// Failed before: the newline was stored as a space, so after a restart
+    /// the id was not recognised and the job ran again.
+    #[test]
+    fn an_id_with_a_newline_stays_seen_after_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let id = "line1\nline2";
+        {
+            let mut s = State::open(d.path()).unwrap();
+            s.begin(&job(id)).unwrap();
+        }
+        let s = State::open(d.path()).unwrap();
+        assert!(s.is_seen(id));
+        assert!(!s.is_seen("line1") && !s.is_seen("line1 line2"));
+        // Lines of the old format still read.
+        fs::write(d.path().join("seen-jobs"), "old-plain-id\n\"quoted\"\n").unwrap();
+        drop(s);
+        let s = State::open(d.path()).unwrap();
+        assert!(s.is_seen("old-plain-id") && s.is_seen("quoted"));
+    }
+
+    /// Failed before: a marker left beside a spooled result (a stop between
+    /// the spool write and the marker removal) turned the real result into
+    /// `interrupted`.
+    #[test]
+    fn recovery_prefers_a_spooled_result_over_a_marker() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        s.begin(&job("k2")).unwrap();
+        let mut r = JobResult::succeeded("done");
+        r.job_id = "k2".into();
+        let marker = fs::read(d.path().join("running/k2.json")).unwrap();
+        s.finish(&r).unwrap();
+        fs::write(d.path().join("running/k2.json"), marker).unwrap();
+        drop(s);
+        let mut s = State::open(d.path()).unwrap();
+        assert_eq!(s.recover_interrupted().unwrap(), 0);
+        let p = s.pending();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].result.status, Status::Succeeded);
+        assert!(!d.path().join("running/k2.json").exists());
+    }
+
+    #[test]
+    fn a_result_is_bounded_when_it_is_spooled() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let binary: String = (0..200_000u32).map(|i| char::from((i % 32) as u8)).collect();
+        let mut r = JobResult::succeeded("ok")
+            .with_details(serde_json::json!({"stdout": binary, "stderr": "short", "exit_code": 0}));
+        r.job_id = "big".into();
+        s.finish(&r).unwrap();
+        let text = fs::read(d.path().join("spool/big.json")).unwrap();
+        assert!(text.len() <= RESULT_MAX_BYTES, "{}", text.len());
+        let p = &s.pending()[0].result;
+        let out = p.details["stdout"].as_str().unwrap();
+        assert!(out.starts_with("\u{0}\u{1}") && out.contains("characters cut by xcp-vm-agent"));
+        assert_eq!(p.details["stderr"], "short");
+        assert!(p.details["result_original_bytes"].as_u64().unwrap() > 1_000_000);
     }
 }

@@ -107,6 +107,65 @@ impl JobResult {
         self.details = details;
         self
     }
+
+    fn json_len(&self) -> usize {
+        serde_json::to_vec(self).map(|v| v.len()).unwrap_or(usize::MAX)
+    }
+
+    /// This result cut to at most `max` bytes of JSON: the longest string
+    /// among `details` loses its middle (head and tail kept, the cut said in
+    /// place) until it fits, and `details.result_original_bytes` says how big
+    /// it was. Binary output, which JSON escapes up to six times over, is what
+    /// usually needs it. If strings alone cannot make it fit, details are
+    /// replaced by a note and the message is shortened.
+    pub fn bounded(mut self, max: usize) -> JobResult {
+        let original = self.json_len();
+        if original <= max {
+            return self;
+        }
+        for _ in 0..64 {
+            let Value::Object(m) = &mut self.details else { break };
+            let Some((key, chars)) = m
+                .iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.chars().count())))
+                .max_by_key(|(_, n)| *n)
+            else {
+                break;
+            };
+            if chars < 256 {
+                break;
+            }
+            let s = m[&key].as_str().unwrap_or_default().to_string();
+            let keep = chars / 4;
+            let head: String = s.chars().take(keep).collect();
+            let tail: String = s.chars().skip(chars - keep).collect();
+            let cut = chars - 2 * keep;
+            m.insert(
+                key,
+                Value::from(format!(
+                    "{head}\n[... {cut} characters cut by xcp-vm-agent: result over {} KiB ...]\n{tail}",
+                    max / 1024
+                )),
+            );
+            m.insert("result_original_bytes".into(), Value::from(original as u64));
+            if self.json_len() <= max {
+                return self;
+            }
+        }
+        self.details = serde_json::json!({
+            "result_original_bytes": original as u64,
+            "result_cut": format!("details of {original} bytes removed: over the {} KiB result bound", max / 1024),
+        });
+        if self.message.len() > 4096 {
+            let mut end = 4096;
+            while !self.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.message.truncate(end);
+            self.message.push_str(" [...]");
+        }
+        self
+    }
 }
 
 /// Everything an operation may use besides its parameters.

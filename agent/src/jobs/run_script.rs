@@ -1,9 +1,18 @@
 //! RunScript: run a bash script with a timeout and capture its output.
 //!
 //! The script is written to a private file (0700) in `state_dir/scripts` and
-//! run as `/bin/bash FILE ARGS...` in its own process group. On timeout (or
-//! agent shutdown) the whole group gets SIGTERM, then SIGKILL after a grace
-//! period. stdout and stderr are each capped at [`CAP`] bytes, keeping the
+//! run as `/bin/bash FILE ARGS...` in its own process group, with a random
+//! token in `XCP_VM_AGENT_JOB`. The job ends when bash ends: output is
+//! collected for [`OUTPUT_GRACE`] more, then every process the script
+//! started and left running is ended, even one that called `setsid` or
+//! double-forked: this process is a child subreaper while a script runs, so
+//! orphans come back to it, and the tree is walked in `/proc` (bash's
+//! descendants, and returned orphans carrying the token, with theirs). On
+//! timeout (or agent shutdown) the same tree gets SIGTERM, then SIGKILL
+//! after [`GRACE`]. The result says how many processes were killed
+//! (`processes_killed`). A reader blocked on a pipe held by a process out of
+//! reach is left behind, never waited for, so no script can wedge the agent.
+//! stdout and stderr are each capped at [`CAP`] bytes, keeping the
 //! head and the tail and saying what was cut. Nothing from the job ever
 //! reaches a shell command line: script text goes into a file, args and env
 //! are passed as vectors.
@@ -23,6 +32,8 @@ use crate::jobs::{parse_params, JobContext, JobResult, Status};
 pub const CAP: usize = 64 * 1024;
 /// Time between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(5);
+/// How long output is still collected after bash has exited.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,40 +101,153 @@ impl HeadTail {
     }
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<HeadTail> {
+type Capture = std::sync::Arc<std::sync::Mutex<HeadTail>>;
+
+/// Read a pipe into a shared capture; the receiver hears when it ends. A
+/// reader blocked on a pipe some escaped process still holds is left
+/// behind, never waited for.
+fn reader(mut r: impl Read + Send + 'static, done: std::sync::mpsc::Sender<()>) -> Capture {
+    let cap: Capture = std::sync::Arc::new(std::sync::Mutex::new(HeadTail::new(CAP)));
+    let c = cap.clone();
     std::thread::spawn(move || {
-        let mut ht = HeadTail::new(CAP);
         let mut buf = [0u8; 8192];
         loop {
             match r.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => ht.push(&buf[..n]),
+                Ok(n) => c.lock().unwrap().push(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
         }
-        ht
-    })
+        let _ = done.send(());
+    });
+    cap
 }
 
-fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
-}
+/// How many scripts run in this process: it is a child subreaper while
+/// at least one does, so processes a script orphans (`setsid cmd &`, double
+/// forks, `nohup`) become our children instead of init's and stay in reach.
+static SCRIPTS_RUNNING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 
-fn group_alive(pgid: i32) -> bool {
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), None).is_ok()
-}
-
-/// TERM the group, wait up to the grace period, then KILL what is left.
-fn terminate_group(pgid: i32) {
-    signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + GRACE;
-    while group_alive(pgid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+struct Subreaper;
+impl Subreaper {
+    fn enter() -> Subreaper {
+        let mut n = SCRIPTS_RUNNING.lock().unwrap();
+        if *n == 0 {
+            let _ = nix::sys::prctl::set_child_subreaper(true);
+        }
+        *n += 1;
+        Subreaper
     }
-    if group_alive(pgid) {
-        signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+}
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        let mut n = SCRIPTS_RUNNING.lock().unwrap();
+        *n -= 1;
+        if *n == 0 {
+            let _ = nix::sys::prctl::set_child_subreaper(false);
+        }
     }
+}
+
+/// (pid, parent pid) of every live process, from /proc.
+fn process_table() -> Vec<(i32, i32)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        if state == "Z" || state == "X" {
+            // Already dead: nothing to kill, only to reap.
+            continue;
+        }
+        if let Some(ppid) = f.next().and_then(|p| p.parse().ok()) {
+            v.push((pid, ppid));
+        }
+    }
+    v
+}
+
+fn has_token(pid: i32, token: &str) -> bool {
+    let want = format!("XCP_VM_AGENT_JOB={token}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+        .unwrap_or(false)
+}
+
+/// Every live process the script started: bash and its descendants, and
+/// the orphans that came back to this process (the subreaper) carrying the
+/// job's token in their environment, with their descendants.
+fn script_processes(bash: i32, token: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let table = process_table();
+    let mut set: Vec<i32> = table
+        .iter()
+        .filter(|(pid, ppid)| *pid == bash || (*ppid == me && has_token(*pid, token)))
+        .map(|(pid, _)| *pid)
+        .collect();
+    let mut i = 0;
+    while i < set.len() {
+        let parent = set[i];
+        for (pid, ppid) in &table {
+            if *ppid == parent && !set.contains(pid) {
+                set.push(*pid);
+            }
+        }
+        i += 1;
+    }
+    set
+}
+
+/// Reap those of `pids` that are (now) this process's children, without
+/// touching any other child.
+fn reap(pids: &[i32]) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    for p in pids {
+        let _ = waitpid(nix::unistd::Pid::from_raw(*p), Some(WaitPidFlag::WNOHANG));
+    }
+}
+
+/// End every process the script started: SIGTERM, up to `grace` for them to
+/// go, then SIGKILL, again until none is left (a process may fork while we
+/// look). Returns how many distinct processes were signalled.
+fn kill_tree(bash: i32, token: &str, grace: Duration) -> usize {
+    use nix::sys::signal::{kill, Signal};
+    let pid = |p: i32| nix::unistd::Pid::from_raw(p);
+    let mut killed: Vec<i32> = script_processes(bash, token);
+    if killed.is_empty() {
+        return 0;
+    }
+    for p in &killed {
+        let _ = kill(pid(*p), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        reap(&killed);
+        if script_processes(bash, token).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..100 {
+        reap(&killed);
+        let left = script_processes(bash, token);
+        if left.is_empty() {
+            break;
+        }
+        for p in left {
+            let _ = kill(pid(p), Signal::SIGKILL);
+            if !killed.contains(&p) {
+                killed.push(p);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reap(&killed);
+    killed.len()
 }
 
 pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
@@ -169,11 +293,13 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
     let _cleanup = Remove(&path);
 
     let start = Instant::now();
+    let _subreaper = Subreaper::enter();
+    let token = crate::backoff::Rng::from_entropy().hex_id();
     let mut cmd = Command::new("/bin/bash");
     cmd.arg(&path)
         .args(&p.args)
         .envs(&p.env)
-        .env("XCP_VM_AGENT_JOB", "1")
+        .env("XCP_VM_AGENT_JOB", &token)
         .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -183,12 +309,14 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
         Ok(c) => c,
         Err(e) => return JobResult::failed(format!("cannot start /bin/bash: {e}")),
     };
-    let pgid = child.id() as i32;
-    let out = reader(child.stdout.take().unwrap());
-    let err = reader(child.stderr.take().unwrap());
+    let bash = child.id() as i32;
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let out = reader(child.stdout.take().unwrap(), done_tx.clone());
+    let err = reader(child.stderr.take().unwrap(), done_tx);
     let timeout = Duration::from_secs(p.timeout_seconds);
     let mut timed_out = false;
     let mut cancelled = false;
+    let mut killed = 0;
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
@@ -201,26 +329,36 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
             cancelled = true;
         }
         if timed_out || cancelled {
-            terminate_group(pgid);
+            killed = kill_tree(bash, &token, GRACE);
             break child.wait().ok();
         }
         std::thread::sleep(
             Duration::from_millis(20).min(timeout.saturating_sub(start.elapsed())).max(Duration::from_millis(1)),
         );
     };
-    // Background children still holding the pipes: give them a moment, then
-    // end the group so the output can be collected.
-    let mut leftover = false;
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while group_alive(pgid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    // bash has ended, and the job with it. Output still in the pipes is
+    // collected for a short grace; whatever the script left running is then
+    // ended, whether it holds the pipes or not.
+    let grace_end = Instant::now() + OUTPUT_GRACE;
+    let mut ended = 0;
+    while ended < 2 {
+        match done.recv_timeout(grace_end.saturating_duration_since(Instant::now())) {
+            Ok(()) => ended += 1,
+            Err(_) => break,
+        }
     }
-    if group_alive(pgid) {
-        leftover = true;
-        terminate_group(pgid);
+    let leftover = kill_tree(bash, &token, GRACE);
+    killed += leftover;
+    // Pipes held only by what was just killed are at their end now.
+    let last = Instant::now() + Duration::from_millis(500);
+    while ended < 2 {
+        match done.recv_timeout(last.saturating_duration_since(Instant::now())) {
+            Ok(()) => ended += 1,
+            Err(_) => break,
+        }
     }
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
+    let stdout = std::mem::take(&mut *out.lock().unwrap());
+    let stderr = std::mem::take(&mut *err.lock().unwrap());
     let duration = start.elapsed();
     let code = status.and_then(|s| s.code());
     let signal = status.and_then(|s| s.signal());
@@ -234,16 +372,21 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
         "stdout_bytes": stdout.total,
         "stderr_bytes": stderr.total,
         "timed_out": timed_out,
-        "leftover_processes_terminated": leftover,
+        "leftover_processes_terminated": leftover > 0,
+        "processes_killed": killed,
+        "output_complete": ended == 2,
         "duration_ms": duration.as_millis() as u64,
     });
     let r = if cancelled {
         JobResult::new(
             Status::Interrupted,
-            "the agent was stopped while the script ran; its process group was terminated",
+            format!("the agent was stopped while the script ran; {killed} process(es) it started were killed"),
         )
     } else if timed_out {
-        JobResult::failed(format!("script timed out after {} s; its process group was terminated", p.timeout_seconds))
+        JobResult::failed(format!(
+            "script timed out after {} s; {killed} process(es) it started were killed",
+            p.timeout_seconds
+        ))
     } else {
         match (code, signal) {
             (Some(0), _) => JobResult::succeeded("script exited with 0"),
@@ -299,6 +442,51 @@ mod tests {
         assert_eq!(r.details["timed_out"], true);
         assert!(r.message.contains("timed out"));
         assert!(r.details["duration_ms"].as_u64().unwrap() < 10_000);
+    }
+
+    /// Failed before: the reader threads waited for the pipes the escaped
+    /// `setsid sleep` held, so the job (and the agent) never ended.
+    #[test]
+    fn a_script_ends_when_bash_ends_even_with_escaped_children() {
+        let d = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let r = run(
+            &ctx(d.path()),
+            &json!({"script": "setsid sleep 1000 & nohup sleep 1000 & (setsid sh -c 'sleep 1000 &') ; echo bye",
+                    "timeout_seconds": 600}),
+        );
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(
+            r.details["stdout"],
+            "bye
+"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+        assert_eq!(r.details["processes_killed"], 3, "{r:?}");
+    }
+
+    /// Failed before: `setsid` put a child out of the process group, so the
+    /// timeout killed bash and left it running (and the job wedged on it).
+    #[test]
+    fn timeout_kills_every_process_including_setsid_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("pids");
+        let r = run(
+            &ctx(d.path()),
+            &json!({"script": format!(
+                "setsid sh -c 'echo $$ >> {p}; exec sleep 1000' &\n(sleep 1000 & echo $! >> {p})\nsleep 1000",
+                p = pidfile.display()), "timeout_seconds": 2}),
+        );
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.details["timed_out"], true);
+        assert!(r.details["processes_killed"].as_u64().unwrap() >= 3, "{r:?}");
+        assert!(r.message.contains("killed"), "{}", r.message);
+        for pid in std::fs::read_to_string(&pidfile).unwrap().lines() {
+            let pid: i32 = pid.trim().parse().unwrap();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let alive = !stat.is_empty() && !stat.contains(") Z ");
+            assert!(!alive, "process {pid} survived the timeout: {stat}");
+        }
     }
 
     #[test]
