@@ -23,6 +23,31 @@ die() {
     exit 1
 }
 
+# Delete a state directory: first unmount whatever is still mounted under it
+# (a job's temporary mount), deepest first, then delete without crossing into
+# another filesystem, so a mount left there never has its files deleted.
+purge_dir() {
+    pd_dir=$1
+    [ -d "$pd_dir" ] || return 0
+    pd_mounts() {
+        # mountinfo field 5 is the mount point, spaces written as \040.
+        awk -v d="$pd_dir" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo 2>/dev/null |
+            sort -r
+    }
+    pd_mounts | while read -r pd_m; do
+        pd_m=$(printf '%b' "$pd_m")
+        umount "$pd_m" 2>/dev/null || umount -l "$pd_m" 2>/dev/null || true
+    done
+    if ! rm -rf --one-file-system "$pd_dir" 2>/dev/null; then
+        # An rm without --one-file-system (busybox): only with no mount left.
+        if [ -n "$(pd_mounts)" ]; then
+            echo "cannot delete $pd_dir: something is still mounted under it" >&2
+            return 1
+        fi
+        rm -rf "$pd_dir"
+    fi
+}
+
 for arg in "$@"; do
     case "$arg" in
         --keep-logs) KEEP_LOGS=1 ;;
@@ -109,7 +134,8 @@ rm -f "$BIN" /usr/local/share/man/man8/$NAME.8
 rmdir /usr/local/share/man/man8 2>/dev/null || true
 if [ "$packaged" -eq 0 ]; then
     rm -f /etc/logrotate.d/$NAME
-    rm -rf "/etc/${NAME:?}" "/var/lib/${NAME:?}"
+    rm -rf "/etc/${NAME:?}"
+    purge_dir "/var/lib/${NAME:?}" || failed=1
     if [ "$KEEP_LOGS" -eq 1 ]; then
         say "logs kept in /var/log/$NAME"
     else
