@@ -44,12 +44,22 @@ fn io_cause(e: &anyhow::Error) -> String {
     for c in e.chain() {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             if let Some(n) = io.raw_os_error() {
-                let name = format!("{:?}", nix::errno::Errno::from_raw(n));
-                let text = io.to_string();
-                return match text.strip_suffix(&format!("(os error {n})")) {
-                    Some(t) => format!("{t}(errno {n}, {name})"),
-                    None => format!("{text} (errno {n}, {name})"),
+                // The names a state directory write meets (a table, not
+                // Errno's Debug: that costs kilobytes of the size budget).
+                let name = match n {
+                    28 => "ENOSPC",
+                    122 => "EDQUOT",
+                    30 => "EROFS",
+                    13 => "EACCES",
+                    1 => "EPERM",
+                    5 => "EIO",
+                    24 => "EMFILE",
+                    23 => "ENFILE",
+                    _ => "",
                 };
+                let text = io.to_string();
+                let t = text.strip_suffix(&format!(" (os error {n})")).unwrap_or(&text);
+                return if name.is_empty() { format!("{t} (errno {n})") } else { format!("{t} (errno {n}, {name})") };
             }
         }
     }

@@ -103,10 +103,10 @@ impl HeadTail {
 
 type Capture = std::sync::Arc<std::sync::Mutex<HeadTail>>;
 
-/// Read a pipe into a shared capture; the receiver hears when it ends. A
-/// reader blocked on a pipe some escaped process still holds is left
+/// Read a pipe into a shared capture; `done` counts the pipes at their end.
+/// A reader blocked on a pipe some escaped process still holds is left
 /// behind, never waited for.
-fn reader(mut r: impl Read + Send + 'static, done: std::sync::mpsc::Sender<()>) -> Capture {
+fn reader(mut r: impl Read + Send + 'static, done: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Capture {
     let cap: Capture = std::sync::Arc::new(std::sync::Mutex::new(HeadTail::new(CAP)));
     let c = cap.clone();
     std::thread::spawn(move || {
@@ -119,7 +119,7 @@ fn reader(mut r: impl Read + Send + 'static, done: std::sync::mpsc::Sender<()>) 
                 Err(_) => break,
             }
         }
-        let _ = done.send(());
+        done.fetch_add(1, Ordering::SeqCst);
     });
     cap
 }
@@ -310,9 +310,15 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
         Err(e) => return JobResult::failed(format!("cannot start /bin/bash: {e}")),
     };
     let bash = child.id() as i32;
-    let (done_tx, done) = std::sync::mpsc::channel();
-    let out = reader(child.stdout.take().unwrap(), done_tx.clone());
-    let err = reader(child.stderr.take().unwrap(), done_tx);
+    let done: std::sync::Arc<std::sync::atomic::AtomicUsize> = Default::default();
+    let out = reader(child.stdout.take().unwrap(), done.clone());
+    let err = reader(child.stderr.take().unwrap(), done.clone());
+    // Both pipes at their end, or `until` passed.
+    let wait_pipes = |until: Instant| {
+        while done.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
     let timeout = Duration::from_secs(p.timeout_seconds);
     let mut timed_out = false;
     let mut cancelled = false;
@@ -339,24 +345,12 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
     // bash has ended, and the job with it. Output still in the pipes is
     // collected for a short grace; whatever the script left running is then
     // ended, whether it holds the pipes or not.
-    let grace_end = Instant::now() + OUTPUT_GRACE;
-    let mut ended = 0;
-    while ended < 2 {
-        match done.recv_timeout(grace_end.saturating_duration_since(Instant::now())) {
-            Ok(()) => ended += 1,
-            Err(_) => break,
-        }
-    }
+    wait_pipes(Instant::now() + OUTPUT_GRACE);
     let leftover = kill_tree(bash, &token, GRACE);
     killed += leftover;
     // Pipes held only by what was just killed are at their end now.
-    let last = Instant::now() + Duration::from_millis(500);
-    while ended < 2 {
-        match done.recv_timeout(last.saturating_duration_since(Instant::now())) {
-            Ok(()) => ended += 1,
-            Err(_) => break,
-        }
-    }
+    wait_pipes(Instant::now() + Duration::from_millis(500));
+    let ended = done.load(Ordering::SeqCst);
     let stdout = std::mem::take(&mut *out.lock().unwrap());
     let stderr = std::mem::take(&mut *err.lock().unwrap());
     let duration = start.elapsed();
