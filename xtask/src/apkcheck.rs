@@ -324,3 +324,131 @@ pub fn broken_copies(bytes: &[u8]) -> Result<Vec<(&'static str, Vec<u8>)>> {
     out.push(("multi-member data", v));
     Ok(out)
 }
+
+/// An RSA public key apk-tools would find in /etc/apk/keys under `name`.
+pub struct ApkKey {
+    pub name: String,
+    pub key: rsa::RsaPublicKey,
+}
+
+impl ApkKey {
+    /// Read a PEM public key (`-----BEGIN PUBLIC KEY-----`); its name is the
+    /// file name, as in /etc/apk/keys.
+    pub fn from_file(path: &Path) -> Result<ApkKey> {
+        use rsa::pkcs8::DecodePublicKey as _;
+        let pem = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let key = rsa::RsaPublicKey::from_public_key_pem(&pem)
+            .with_context(|| format!("{} is not an RSA public key in PEM", path.display()))?;
+        Ok(ApkKey { name: path.file_name().unwrap().to_string_lossy().into_owned(), key })
+    }
+}
+
+/// Verify an apk-tools v2 signature, the same for a package and an index:
+/// the first gzip member is a tar whose first entry is
+/// `.SIGN.RSA.<key name>` (PKCS#1 v1.5 over SHA-1) or `.SIGN.RSA256.<key
+/// name>` (over SHA-256), and it signs the compressed bytes of the next gzip
+/// member (the control tar, or the index tar). Returns the key name used.
+pub fn verify_signature(bytes: &[u8], keys: &[ApkKey]) -> Result<String> {
+    use sha1::Digest as _;
+    let ms = members(bytes)?;
+    ensure!(ms.len() >= 2, "{} gzip member(s): nothing is signed", ms.len());
+    let (sig, _) = read_tar(&ms[0].data).context("signature tar")?;
+    let first = sig.first().context("empty first tar: not signed")?;
+    let (scheme, name) = if let Some(n) = first.name.strip_prefix(".SIGN.RSA256.") {
+        ("sha256", n)
+    } else if let Some(n) = first.name.strip_prefix(".SIGN.RSA.") {
+        ("sha1", n)
+    } else {
+        bail!("first entry is {:?}, not a .SIGN.RSA signature: not signed", first.name);
+    };
+    let key = keys
+        .iter()
+        .find(|k| k.name == name)
+        .with_context(|| format!("signed with {name:?}, which is not among the trusted keys"))?;
+    let signed = &ms[1].compressed;
+    let ok = if scheme == "sha1" {
+        key.key.verify(rsa::Pkcs1v15Sign::new::<sha1::Sha1>(), &sha1::Sha1::digest(signed), &first.data)
+    } else {
+        key.key.verify(rsa::Pkcs1v15Sign::new::<sha2::Sha256>(), &sha2::Sha256::digest(signed), &first.data)
+    };
+    ok.map_err(|e| anyhow::anyhow!("the {scheme} RSA signature by {name} does not match the signed member: {e}"))?;
+    Ok(name.to_string())
+}
+
+/// One APKINDEX record: field letter to value.
+pub type IndexRecord = BTreeMap<char, String>;
+
+/// Check a repository index `APKINDEX.tar.gz`: signed (verified against
+/// `keys`), the signed member a tar holding `APKINDEX` (and optionally
+/// `DESCRIPTION`) with its end-of-archive blocks, every record with
+/// C (Q1 + base64 SHA-1), P, V, A, S, I. Returns the records.
+pub fn check_index(bytes: &[u8], keys: &[ApkKey]) -> Result<Vec<IndexRecord>> {
+    let ms = members(bytes)?;
+    ensure!(ms.len() == 2, "{} gzip members: an index is signature + index tar", ms.len());
+    verify_signature(bytes, keys).context("index signature")?;
+    let (sig, send) = read_tar(&ms[0].data)?;
+    ensure!(!send, "signature tar keeps its end-of-archive blocks");
+    ensure!(sig.iter().all(|e| e.name.starts_with(".SIGN.")), "signature tar holds non-.SIGN entries");
+    let (entries, end) = read_tar(&ms[1].data).context("index tar")?;
+    ensure!(end, "index tar does not end with end-of-archive blocks");
+    for e in &entries {
+        ensure!(e.name == "APKINDEX" || e.name == "DESCRIPTION", "unexpected index entry {:?}", e.name);
+    }
+    let text = entries.iter().find(|e| e.name == "APKINDEX").context("no APKINDEX in the index tar")?;
+    let text = String::from_utf8(text.data.clone()).context("APKINDEX is not UTF-8")?;
+    let mut out = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let mut rec = IndexRecord::new();
+        for line in block.lines() {
+            let mut ch = line.chars();
+            let (k, colon) = (ch.next(), ch.next());
+            ensure!(k.is_some() && colon == Some(':'), "APKINDEX line {line:?} is not 'X:value'");
+            ensure!(rec.insert(k.unwrap(), ch.as_str().to_string()).is_none(), "APKINDEX record repeats {line:?}");
+        }
+        for k in ['C', 'P', 'V', 'A', 'S', 'I'] {
+            ensure!(rec.contains_key(&k), "APKINDEX record without {k}: {block:?}");
+        }
+        ensure!(rec[&'C'].starts_with("Q1") && rec[&'C'].len() == 30, "C:{} is not Q1 + base64 SHA-1", rec[&'C']);
+        out.push(rec);
+    }
+    ensure!(!out.is_empty(), "APKINDEX lists no package");
+    Ok(out)
+}
+
+/// Does an index record describe this package file (checksum of its
+/// control member, size, name, version)?
+pub fn record_matches(rec: &IndexRecord, pkg: &[u8]) -> Result<()> {
+    use sha1::Digest as _;
+    let ms = members(pkg)?;
+    let control = &ms[ms.len() - 2];
+    let want = format!("Q1{}", crate::repo::base64(&sha1::Sha1::digest(&control.compressed)));
+    ensure!(rec[&'C'] == want, "index C:{} but the package's control member gives {want}", rec[&'C']);
+    ensure!(rec[&'S'] == pkg.len().to_string(), "index S:{} but the package is {} bytes", rec[&'S'], pkg.len());
+    let (c, _) = read_tar(&control.data)?;
+    let info = pkginfo(&String::from_utf8_lossy(&c[0].data));
+    for (k, key) in [('P', "pkgname"), ('V', "pkgver")] {
+        let v = info.get(key).and_then(|v| v.first()).cloned().unwrap_or_default();
+        ensure!(rec[&k] == v, "index {k}:{} but .PKGINFO {key} = {v}", rec[&k]);
+    }
+    Ok(())
+}
+
+/// A copy whose signed member still parses but says something else: one
+/// byte of `.PKGINFO`'s (or `APKINDEX`'s) text changed, recompressed. The
+/// structure stays valid; only the signature can tell.
+pub fn tampered_copy(bytes: &[u8]) -> Result<Vec<u8>> {
+    let ms = members(bytes)?;
+    ensure!(ms.len() >= 2, "nothing to tamper with");
+    let mut d = ms[1].data.clone();
+    // The first letter of the first entry's content (after its 512-byte
+    // header), e.g. of "pkgname" or "C:": flip its case.
+    ensure!(d.len() > 512, "unexpected signed member layout");
+    let at = 512 + d[512..].iter().position(u8::is_ascii_alphabetic).context("no letter to change")?;
+    d[at] ^= 0x20;
+    let mut v = ms[0].compressed.clone();
+    v.extend(gzip(&d)?);
+    for m in &ms[2..] {
+        v.extend_from_slice(&m.compressed);
+    }
+    Ok(v)
+}

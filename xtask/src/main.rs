@@ -10,6 +10,8 @@ mod clidef;
 mod demo;
 mod dist;
 mod pkgtest;
+mod repo;
+mod repotest;
 mod setup;
 mod test;
 mod util;
@@ -28,6 +30,8 @@ Tasks:
   bench    measure binary size, idle RSS, CPU per check-in, job pickup latency
            and disk-operation overhead; writes target/bench/results.json
   dist     build the static binary and .deb, .rpm, .apk and .tar.gz into target/dist
+  repo     signed apt, rpm-md and apk repositories from the dist artifacts
+           (--out DIR --base-url URL [--key FILE --apk-key FILE])
   setup    install the system packages and Rust targets the tasks need
   vm-test  boot a Debian VM (QEMU) with the packaged agent: InitializeDisk's mount is
            visible outside the service and survives a reboot (root; not part of test)
@@ -45,6 +49,7 @@ fn main() {
         "setup" => setup::run(rest),
         "demo" => demo::run(rest),
         "dist" => dist::run(rest),
+        "repo" => repo::run(rest),
         "bench" => bench::run(rest),
         "vm-test" => vmtest::run(rest),
         "catalogue" => catalogue::run(rest),

@@ -252,7 +252,7 @@ fn rpm_queries(rpm: &Path) -> Result<()> {
 
 /// Run a shell script inside a chroot with a clean environment; returns
 /// stdout, fails with stdout and stderr.
-fn in_chroot(dir: &Path, script: &str) -> Result<String> {
+pub(crate) fn in_chroot(dir: &Path, script: &str) -> Result<String> {
     let out = Command::new("chroot")
         .arg(dir)
         .args(["/bin/sh", "-ec", script])
@@ -394,14 +394,14 @@ fn checkin_in_empty_chroot(dir: &Path) -> Result<()> {
 }
 
 /// The cached Debian chroot tarball (made by mmdebstrap on first use).
-fn chroot_base() -> Result<PathBuf> {
+pub(crate) fn chroot_base() -> Result<PathBuf> {
     let tar = work().join(format!("debian-{SUITE}.tar"));
     util::debian_tarball(&tar, SUITE, CHROOT_INCLUDE, "packaging")?;
     Ok(tar)
 }
 
 /// A fresh copy of the chroot in target/pkgtest/NAME.
-fn fresh_chroot(base: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn fresh_chroot(base: &Path, name: &str) -> Result<PathBuf> {
     let dir = work().join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;

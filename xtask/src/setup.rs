@@ -24,6 +24,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("shellcheck", "shellcheck"),
     ("systemd-analyze", "systemd"),
     ("fakeroot", "fakeroot"),
+    // Signed repositories (cargo xtask repo and its checks): rpm-md metadata
+    // and a real dnf to read it.
+    ("createrepo_c", "createrepo-c"),
+    ("dnf", "dnf"),
 ];
 
 /// The workflow-schema checker, pinned.

@@ -51,7 +51,7 @@ fn parse_result(line: &str) -> Option<(u64, u64)> {
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "cargo xtask test [--no-setup]\n\nInstall what is missing (as root), then run: cargo fmt --check; cargo test for the\nworkspace (unit tests, integration tests against the real mgmt-server over TLS);\nthe root-only loop-device tier; the packaging checks; the booted-VM tier (QEMU,\nthe .deb under systemd). In CI (CI=true) a tier that cannot run fails the run."
+            "cargo xtask test [--no-setup]\n\nInstall what is missing (as root), then run: cargo fmt --check; cargo test for the\nworkspace (unit tests, integration tests against the real mgmt-server over TLS);\nthe root-only loop-device tier; the packaging checks; the signed-repository checks;\nthe booted-VM tier (QEMU, the .deb under systemd). In CI (CI=true) a tier that cannot run fails the run."
         );
         return Ok(());
     }
@@ -92,23 +92,28 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("{} passed, 1 failed", tally.passed);
         return Err(e);
     }
+    step("signed repositories: apt, rpm-md and apk (cargo xtask repo --check)");
+    if let Err(e) = crate::repotest::run() {
+        println!("{} passed, 1 failed", tally.passed + 1);
+        return Err(e);
+    }
     // The booted-VM tier: the .deb under a real systemd PID 1 (docs/vm-tests.md).
     if is_root() {
         step("booted VM: the packaged service under systemd (cargo xtask vm-test)");
         if let Err(e) = crate::vmtest::run(&[]) {
-            println!("{} passed, 1 failed", tally.passed + 1);
+            println!("{} passed, 1 failed", tally.passed + 2);
             return Err(e);
         }
     } else if in_ci() {
-        println!("{} passed, 1 failed", tally.passed + 1);
+        println!("{} passed, 1 failed", tally.passed + 2);
         bail!("the booted-VM tier needs root, and CI=true forbids skipping it");
     } else {
         eprintln!("\n    note: not root, the booted-VM tier was skipped (run as root to include it)");
     }
-    // The plain closing line: every cargo test counted, plus the packaging
-    // and booted-VM tiers.
+    // The plain closing line: every cargo test counted, plus the packaging,
+    // signed-repository and booted-VM tiers.
     step("all tiers passed");
-    println!("{} passed, {} failed", tally.passed + 2, tally.failed);
+    println!("{} passed, {} failed", tally.passed + 3, tally.failed);
     Ok(())
 }
 
