@@ -11,7 +11,7 @@
 //! repo_gpgcheck=1` lists the package, and refuses the repository once
 //! one byte of repomd.xml changed; then, as root, in a Debian chroot: apt
 //! with the published `.sources` and key refuses the repository with one byte
-//! of Packages changed, installs N from it, and after N+1 is published into
+//! of Packages, or of the signed Release text, changed; installs N from it, and after N+1 is published into
 //! the same tree (keys loaded with `--key`/`--apk-key`) `apt-get upgrade`
 //! moves to N+1 and keeps the edited config byte for byte.
 use crate::apkcheck::{self, ApkKey};
@@ -96,7 +96,7 @@ pub fn run() -> Result<()> {
     }
     let base = crate::pkgtest::chroot_base()?;
     let dir = crate::pkgtest::fresh_chroot(&base, "chroot-repo")?;
-    step("repositories: apt refuses the repository with one byte of Packages changed");
+    step("repositories: apt refuses the repository with Packages or Release changed after signing");
     apt_setup(&dir, &www)?;
     apt_refuses_tampered(&dir, &www)?;
     step(&format!("repositories: apt-get install {NAME} from the signed repository"));
@@ -267,27 +267,47 @@ fn apt(dir: &Path, script: &str) -> Result<String> {
     crate::pkgtest::in_chroot(dir, &format!("exec 2>&1; {script}"))
 }
 
-/// One byte of Packages changed, Packages.gz remade from it (what an attacker
-/// serving the tree would do): apt must refuse, since Release is signed.
+/// What an attacker serving the tree could do, each refused by apt since
+/// Release is signed: one byte of Packages changed (Packages.gz remade from
+/// it), and one byte of the Release text changed in InRelease and Release.
 fn apt_refuses_tampered(dir: &Path, www: &Path) -> Result<()> {
-    let bin = www.join("deb/dists/stable/main/binary-amd64");
-    let (p, pgz) = (bin.join("Packages"), bin.join("Packages.gz"));
-    let (good, good_gz) = (std::fs::read(&p)?, std::fs::read(&pgz)?);
-    let mut bad = good.clone();
+    let d = www.join("deb/dists/stable");
+    let p = d.join("main/binary-amd64/Packages");
+    let mut bad = std::fs::read(&p)?;
     let at = bad.windows(9).position(|x| x == b"Version: ").context("no Version in Packages")? + 9;
     bad[at] = if bad[at] == b'9' { b'8' } else { b'9' };
-    std::fs::write(&p, &bad)?;
-    std::fs::write(&pgz, crate::apk::gzip(&bad)?)?;
+    let gz = crate::apk::gzip(&bad)?;
+    apt_refuses(dir, "one byte of Packages changed", &[(p, bad), (d.join("main/binary-amd64/Packages.gz"), gz)])?;
+    let flip = |f: &Path| -> Result<Vec<u8>> {
+        let mut b = std::fs::read(f)?;
+        let at = b.windows(7).position(|x| x == b"Label: ").context("no Label in Release")? + 7;
+        b[at] ^= 0x20;
+        Ok(b)
+    };
+    let (inr, rel) = (d.join("InRelease"), d.join("Release"));
+    let changed = [(inr.clone(), flip(&inr)?), (rel.clone(), flip(&rel)?)];
+    apt_refuses(dir, "one byte of the signed Release text changed", &changed)
+}
+
+/// Serve `files` changed, run `apt-get update` on empty lists, put the
+/// files back: apt must fail, or at least offer no candidate.
+fn apt_refuses(dir: &Path, what: &str, files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let good: Vec<Vec<u8>> = files.iter().map(|(f, _)| std::fs::read(f)).collect::<Result<_, _>>()?;
+    for (f, b) in files {
+        std::fs::write(f, b)?;
+    }
+    crate::pkgtest::in_chroot(dir, "rm -rf /var/lib/apt/lists/*")?;
     let r = apt(dir, "apt-get update");
-    std::fs::write(&p, &good)?;
-    std::fs::write(&pgz, &good_gz)?;
+    for ((f, _), g) in files.iter().zip(&good) {
+        std::fs::write(f, g)?;
+    }
     let text = match r {
         Ok(out) => {
             // apt exits 0 on some failures; the index must still be unusable.
             let pol = apt(dir, &format!("apt-cache policy {NAME}"))?;
             ensure!(
                 !pol.contains("Candidate:") || pol.contains("Candidate: (none)"),
-                "apt accepted a Packages file changed after signing:\n{out}\n{pol}"
+                "apt accepted the repository with {what}:\n{out}\n{pol}"
             );
             out
         }
@@ -295,9 +315,13 @@ fn apt_refuses_tampered(dir: &Path, www: &Path) -> Result<()> {
     };
     let why = text
         .lines()
-        .find(|l| l.contains("Hash Sum mismatch") || l.contains("unexpected size") || l.contains("E: "))
+        .find(|l| {
+            ["Hash Sum mismatch", "unexpected size", "BADSIG", "invalid", "not signed", "E: "]
+                .iter()
+                .any(|k| l.contains(k))
+        })
         .unwrap_or("failed");
-    eprintln!("    refused: {}", why.trim());
+    eprintln!("    {what}: refused ({})", why.trim());
     crate::pkgtest::in_chroot(dir, "rm -rf /var/lib/apt/lists/*")?;
     Ok(())
 }
