@@ -9,7 +9,8 @@
 //! (signatures with the published key, records matching the files);
 //! `rpmkeys --checksig` on the signed .rpm; dnf with `gpgcheck=1
 //! repo_gpgcheck=1` lists the package, and refuses the repository once
-//! one byte of repomd.xml changed; then, as root, in a Debian chroot: apt
+//! one byte of repomd.xml changed; zypper the same, with the key imported
+//! by `rpm --import` as the instructions say; then, as root, in a Debian chroot: apt
 //! with the published `.sources` and key refuses the repository with one byte
 //! of Packages, or of the signed Release text, changed; installs N from it, and after N+1 is published into
 //! the same tree (keys loaded with `--key`/`--apk-key`) `apt-get upgrade`
@@ -39,7 +40,7 @@ fn fixture(name: &str) -> PathBuf {
 
 pub fn run() -> Result<()> {
     let t0 = Instant::now();
-    for tool in ["createrepo_c", "dnf", "rpmkeys", "dpkg-deb", "mmdebstrap"] {
+    for tool in ["createrepo_c", "dnf", "zypper", "rpmkeys", "dpkg-deb", "mmdebstrap"] {
         dist::need(tool)?;
     }
     step("repositories: apk signature verifier on Alpine's signed rssh-2.3.4-r3.apk");
@@ -84,7 +85,7 @@ pub fn run() -> Result<()> {
 
     step("repositories: apk index and packages (our checker, signatures by the published key)");
     check_apk_repo(&www, &keys.apk_name, &[v.clone()])?;
-    step("repositories: rpm signatures (rpmkeys --checksig) and dnf with gpgcheck=1 repo_gpgcheck=1");
+    step("repositories: rpm signatures (rpmkeys --checksig), dnf (gpgcheck=1 repo_gpgcheck=1) and zypper");
     check_rpm_repo(&www, &n.out.join(dist::rpm_name(&v)), &v)?;
 
     if !is_root() {
@@ -245,6 +246,54 @@ fn check_rpm_repo(www: &Path, unsigned: &Path, v: &str) -> Result<()> {
     );
     let why = text.lines().find(|l| l.contains("GPG signature verification error")).unwrap_or_default();
     eprintln!("    one byte of repomd.xml changed: dnf refuses ({})", why.trim());
+    zypper_reads(www, &good, v)
+}
+
+/// zypper (openSUSE's, as Debian packages it) in a root of its own, with
+/// the lines docs/packaging.md gives: rpm --import the key, addrepo the
+/// published .repo; it lists the package, and refuses the metadata once one
+/// byte of repomd.xml is changed.
+fn zypper_reads(www: &Path, repomd_good: &[u8], v: &str) -> Result<()> {
+    let zroot = work().join("zypper-root");
+    std::fs::create_dir_all(&zroot)?;
+    let url = std::fs::read_to_string(www.join(format!("{NAME}.repo")))?
+        .lines()
+        .find_map(|l| l.strip_prefix("gpgkey="))
+        .map(|k| k.trim_end_matches(&format!("/{NAME}.asc")).to_string())
+        .context("no gpgkey= in the .repo")?;
+    util::output(Command::new("rpm").arg("--root").arg(&zroot).arg("--initdb"))?;
+    util::output(Command::new("rpm").arg("--root").arg(&zroot).arg("--import").arg(www.join(format!("{NAME}.asc"))))?;
+    let zypper = |args: &[&str]| -> Result<String> {
+        let o = Command::new("zypper")
+            .arg("--root")
+            .arg(&zroot)
+            .arg("--non-interactive")
+            .args(args)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run zypper")?;
+        Ok(format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    zypper(&["addrepo", &format!("{url}/{NAME}.repo")])?;
+    let refresh = zypper(&["refresh", "--force"])?;
+    ensure!(refresh.contains("All repositories have been refreshed"), "zypper refresh:\n{refresh}");
+    let found = zypper(&["search", "-s", NAME])?;
+    ensure!(found.lines().any(|l| l.contains(NAME) && l.contains(&format!("{v}-1"))), "zypper search:\n{found}");
+    eprintln!("    zypper (repo key imported by rpm --import) lists {NAME} {v}-1");
+    let repomd = www.join("rpm/repodata/repomd.xml");
+    let mut bad = repomd_good.to_vec();
+    let at = bad.windows(10).position(|x| x == b"<revision>").context("no <revision>")? + 10;
+    bad[at] = if bad[at] == b'1' { b'2' } else { b'1' };
+    std::fs::write(&repomd, &bad)?;
+    let r = zypper(&["refresh", "--force"]);
+    std::fs::write(&repomd, repomd_good)?;
+    let text = r?;
+    ensure!(
+        text.contains("Signature verification failed") && !text.contains("All repositories have been refreshed"),
+        "zypper did not refuse repomd.xml changed after signing:\n{text}"
+    );
+    eprintln!("    one byte of repomd.xml changed: zypper refuses (Signature verification failed for repomd.xml)");
     Ok(())
 }
 

@@ -25,9 +25,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("fakeroot", "fakeroot"),
     // Signed repositories (cargo xtask repo and its checks): rpm-md metadata
-    // and a real dnf to read it.
+    // and a real dnf and zypper to read it.
     ("createrepo_c", "createrepo-c"),
     ("dnf", "dnf"),
+    ("zypper", "zypper"),
 ];
 
 /// The workflow-schema checker, pinned.
