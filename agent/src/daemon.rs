@@ -132,6 +132,8 @@ pub struct Agent {
     /// Markers of a previous life not yet turned into results (the disk
     /// was full at start-up): retried every cycle.
     recovery_due: bool,
+    /// Why the last result delivery failed, while it keeps failing.
+    delivery_error: Option<String>,
 }
 
 /// How long a disk inventory is reused between check-ins.
@@ -155,6 +157,7 @@ impl Agent {
             inventory: None,
             unspooled: Vec::new(),
             recovery_due: true,
+            delivery_error: None,
         })
     }
 
@@ -467,7 +470,7 @@ impl Agent {
         if self.state.pending_count() > 0 || !self.unspooled.is_empty() {
             delivery = self.deliver_results(REQUESTS_BEFORE_CHECKIN);
             if let Err(e) = &delivery {
-                tracing::warn!("result delivery failed, checking in anyway: {e:#}");
+                self.delivery_failed(e);
             }
         }
         let msg = self.checkin_message(wait_seconds);
@@ -481,7 +484,14 @@ impl Agent {
             self.handle(raw)?;
         }
         if n > 0 || delivery.is_err() || self.state.pending_count() > 0 || !self.unspooled.is_empty() {
-            self.deliver_results(usize::MAX)?;
+            // The server took the check-in: a failed delivery is retried next
+            // cycle at the normal pace, never by backing off check-ins.
+            match self.deliver_results(usize::MAX) {
+                Ok(_) => self.delivery_error = None,
+                Err(e) => self.delivery_failed(&e),
+            }
+        } else if delivery.is_ok() {
+            self.delivery_error = None;
         }
         Ok(n)
     }
@@ -493,6 +503,17 @@ impl Agent {
         h.last_error = None;
     }
 
+    /// Log a failed delivery once per distinct error (debug after that).
+    fn delivery_failed(&mut self, e: &anyhow::Error) {
+        let text = format!("{e:#}");
+        if self.delivery_error.as_deref() != Some(text.as_str()) {
+            tracing::warn!("result delivery failed (results stay in the spool, check-ins go on): {text}");
+        } else {
+            tracing::debug!("result delivery still failing: {text}");
+        }
+        self.delivery_error = Some(text);
+    }
+
     fn update_health(&self, err: Option<&anyhow::Error>) {
         let mut h = self.shared.health.lock().unwrap();
         h.pending_results = self.state.pending_count();
@@ -500,6 +521,8 @@ impl Agent {
         if let Some(e) = err {
             h.healthy = false;
             h.last_error = Some(format!("{e:#}"));
+        } else if let Some(d) = &self.delivery_error {
+            h.last_error = Some(d.clone());
         }
     }
 }
@@ -515,7 +538,10 @@ pub fn once(cfg: Config) -> Result<()> {
     let n = agent.cycle(0).context("check-in failed")?;
     let left = agent.state.pending_count() + agent.unspooled.len();
     if left > 0 {
-        bail!("{left} job result(s) could not be delivered and stay in the spool");
+        match &agent.delivery_error {
+            Some(e) => bail!("{left} job result(s) could not be delivered and stay in the spool: {e}"),
+            None => bail!("{left} job result(s) could not be delivered and stay in the spool"),
+        }
     }
     tracing::info!(jobs = n, "check-in complete");
     Ok(())

@@ -361,3 +361,34 @@ fn purge_unmounts_what_is_left_under_the_state_dir_and_deletes_nothing_beyond() 
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&root.display().to_string()), "a mount is left under the purged root");
 }
+
+/// Failed before: a results endpoint that keeps failing (500) made every
+/// cycle an error, so the daemon backed off its check-ins (1 s, 2 s, 4 s ...
+/// up to 5 min) although the server took them: jobs waited minutes. Now the
+/// check-in pace stays `check_in_interval` and delivery is retried each cycle.
+#[test]
+fn failing_result_delivery_does_not_slow_check_ins() {
+    let w = World::new("slowresults", SERVER);
+    let fake = FakeServer::start(&w.pki, |path, _| match path {
+        "/api/v1/checkin" => Reply::Json(
+            200,
+            json!({"jobs": [{"id": "j1", "operation": "RunScript", "params": {"script": "echo hi"}}], "server_time": 0}),
+        ),
+        _ => Reply::Json(500, json!({"error": "result store on fire"})),
+    });
+    let agent = w.agent("agent", fake.addr, json!({"check_in_interval": 1}));
+    let checkins = |f: &FakeServer| f.seen().iter().filter(|s| s.path == "/api/v1/checkin").count();
+    let mut d = w.spawn_agent(&agent, &["run"]);
+    assert!(
+        wait_for(Duration::from_secs(60), || fake.seen().iter().any(|s| s.path == "/api/v1/results").then_some(()))
+            .is_some(),
+        "no results request"
+    );
+    let before = checkins(&fake);
+    std::thread::sleep(Duration::from_secs(20));
+    let n = checkins(&fake) - before;
+    assert!(n >= 10, "only {n} check-ins in 20 s with check_in_interval 1 while results fail");
+    assert!(d.is_running());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
+}
