@@ -13,6 +13,15 @@
 #   or an /etc/rc.local entry when there is none), enables it, and starts it
 #   only when that init system is running (not in a chroot or image build).
 # -y answers yes to every question. uninstall.sh undoes all of it.
+#
+# Offline, into a system that is not running (a template, a stopped VM's
+# disk), without running anything from it (offline.sh):
+#
+#   sudo ./install.sh --root DIR SERVER_URL [OPTIONS]
+#   sudo ./install.sh --image FILE SERVER_URL [OPTIONS]
+#
+# OPTIONS: --init systemd|openrc|sysv|standalone, --client-cert CERT KEY,
+# --server-cert CA. uninstall.sh --root DIR undoes --root.
 set -eu
 
 NAME=xcp-vm-agent
@@ -30,6 +39,15 @@ usage() {
     echo "  SERVER_URL   the management server, for example https://mgmt.example.com:8443"
     echo "  -y           do not ask for confirmation"
     echo "  --skip-deps  do not install growpart, parted, e2fsprogs, xfsprogs, util-linux"
+    echo "or, into a system that is not running (nothing from it is run):"
+    echo "       $0 --root DIR SERVER_URL [--init INIT] [--client-cert CERT KEY] [--server-cert CA]"
+    echo "       $0 --image FILE SERVER_URL [...]"
+    echo "  --root DIR    the root filesystem of a Linux system, mounted at DIR"
+    echo "  --image FILE  a disk image (raw; qcow2, VHD and others with qemu-utils): attached,"
+    echo "                its root filesystem found by /etc/os-release, mounted, installed into, detached"
+    echo "  --init INIT   systemd, openrc, sysv or standalone (/etc/rc.local); detected when not given"
+    echo "  --client-cert CERT KEY  client certificate and key for mutual TLS (the key is kept 0600)"
+    echo "  --server-cert CA        the CA that signed the server's certificate"
 }
 
 say() { echo "install.sh: $*"; }
@@ -37,6 +55,18 @@ die() {
     echo "install.sh: error: $*" >&2
     exit 1
 }
+
+# --root and --image: offline.sh does all of it.
+for arg in "$@"; do
+    case "$arg" in
+        --root | --image)
+            # shellcheck source=/dev/null # offline.sh, checked on its own
+            . "$HERE/offline.sh"
+            offline_main "$@"
+            exit 0
+            ;;
+    esac
+done
 
 SERVER_URL=""
 YES=0
@@ -165,6 +195,7 @@ if booted_system && [ -x "$BIN" ] && [ "$INIT" != systemd ] && [ -r /run/$NAME.p
 fi
 install_file 0755 "$HERE/$NAME" "$BIN"
 install_file 0755 "$HERE/uninstall.sh" "$SHARE/uninstall.sh"
+install_file 0644 "$HERE/offline.sh" "$SHARE/offline.sh"
 [ -f "$HERE/$NAME.8" ] && install_file 0644 "$HERE/$NAME.8" /usr/local/share/man/man8/$NAME.8
 if [ -d /etc/logrotate.d ]; then
     install_file 0644 "$HERE/$NAME.logrotate" /etc/logrotate.d/$NAME

@@ -8,6 +8,10 @@
 # (/var/lib/xcp-vm-agent) and, unless --keep-logs, the logs.
 # --force: do not ask, and carry on past errors and past a package-manager
 # installation of the agent (whose files are left to the package manager).
+#
+#   sudo uninstall.sh --root DIR [--keep-logs]
+#
+# removes what install.sh --root DIR put into the system at DIR (offline.sh).
 set -u
 
 NAME=xcp-vm-agent
@@ -16,6 +20,7 @@ SHARE=/usr/local/share/$NAME
 MARK="# $NAME (added by install.sh)"
 KEEP_LOGS=0
 FORCE=0
+HERE=$(cd "$(dirname "$0")" && pwd)
 
 say() { echo "uninstall.sh: $*"; }
 die() {
@@ -48,12 +53,34 @@ purge_dir() {
     fi
 }
 
+# --root DIR: offline.sh removes what install.sh --root put there.
+if [ "${1:-}" = --root ]; then
+    [ $# -ge 2 ] || die "--root needs a directory"
+    # shellcheck disable=SC2034 # read by offline.sh
+    R=$2
+    shift 2
+    for arg in "$@"; do
+        case "$arg" in
+            --keep-logs) KEEP_LOGS=1 ;;
+            --force | -f | -y) ;;
+            *) die "unknown argument $arg (usage: $0 --root DIR [--keep-logs])" ;;
+        esac
+    done
+    [ "$(id -u)" -eq 0 ] || die "run as root"
+    set -e
+    # shellcheck source=/dev/null # offline.sh, checked on its own
+    . "$HERE/offline.sh"
+    root_uninstall
+    exit 0
+fi
+
 for arg in "$@"; do
     case "$arg" in
         --keep-logs) KEEP_LOGS=1 ;;
         --force | -f | -y) FORCE=1 ;;
         -h | --help)
             echo "usage: $0 [--keep-logs] [--force]"
+            echo "       $0 --root DIR [--keep-logs]   (what install.sh --root DIR installed)"
             exit 0
             ;;
         *) die "unknown argument $arg (usage: $0 [--keep-logs] [--force])" ;;

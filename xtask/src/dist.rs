@@ -630,6 +630,7 @@ fn build_tarball(opts: &Opts, bin: &[u8], docs: &[(String, Vec<u8>)]) -> Result<
         apk::Entry::file(&format!("{dir}/{NAME}"), 0o755, bin.to_vec()),
         apk::Entry::file(&format!("{dir}/install.sh"), 0o755, read_pkg("common/install.sh")?),
         apk::Entry::file(&format!("{dir}/uninstall.sh"), 0o755, read_pkg("common/uninstall.sh")?),
+        apk::Entry::file(&format!("{dir}/offline.sh"), 0o644, read_pkg("common/offline.sh")?),
         apk::Entry::file(&format!("{dir}/config.json"), 0o600, config_json(opts)?),
     ];
     for f in ["xcp-vm-agent.service", "xcp-vm-agent.logrotate"] {

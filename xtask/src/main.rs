@@ -9,6 +9,7 @@ mod catalogue;
 mod clidef;
 mod demo;
 mod dist;
+mod offlinetest;
 mod pkgtest;
 mod repo;
 mod repotest;
@@ -33,6 +34,8 @@ Tasks:
   repo     signed apt, rpm-md and apk repositories from the dist artifacts
            (--out DIR --base-url URL [--key FILE --apk-key FILE])
   setup    install the system packages and Rust targets the tasks need
+  offline-test  install.sh --root / --image and uninstall.sh --root into Debian trees
+           and disk images, links compared with systemctl, update-rc.d, rc-update (root)
   vm-test  boot a Debian VM (QEMU) with the packaged agent: InitializeDisk's mount is
            visible outside the service and survives a reboot (root; not part of test)
   catalogue  the cloud-image catalogue ci/distros.toml: --check, --json (the CI
@@ -53,6 +56,7 @@ fn main() {
         "bench" => bench::run(rest),
         "vm-test" => vmtest::run(rest),
         "catalogue" => catalogue::run(rest),
+        "offline-test" => offlinetest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

@@ -38,6 +38,7 @@ fn work() -> PathBuf {
 const SCRIPTS: &[&str] = &[
     "common/install.sh",
     "common/uninstall.sh",
+    "common/offline.sh",
     "common/xcp-vm-agent.init",
     "common/xcp-vm-agent.openrc",
     "deb/scripts/postinst",

@@ -29,6 +29,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("createrepo_c", "createrepo-c"),
     ("dnf", "dnf"),
     ("zypper", "zypper"),
+    // The offline install tier: insserv numbers SysV links in a --root tree
+    // the way the tree's update-rc.d would; qemu-img and qemu-storage-daemon
+    // attach qcow2 images where there is no nbd module.
+    ("insserv", "insserv"),
+    ("qemu-storage-daemon", "qemu-utils"),
 ];
 
 /// The workflow-schema checker, pinned.

@@ -2,7 +2,8 @@
 //!
 //! Tiers: formatting; unit and integration tests (real mgmt-server, real TLS
 //! on loopback); the root-only loop-device tier (`XCP_TEST_ROOT=1`); the
-//! packaging checks; the booted-VM tier (`cargo xtask vm-test`). In CI (`CI=true`) a tier that cannot run is a failure,
+//! packaging checks; the offline install tier (`cargo xtask offline-test`);
+//! the booted-VM tier (`cargo xtask vm-test`). In CI (`CI=true`) a tier that cannot run is a failure,
 //! never a skip.
 use crate::util::{self, cargo, in_ci, is_root, step};
 use anyhow::{bail, Context, Result};
@@ -97,23 +98,36 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("{} passed, 1 failed", tally.passed + 1);
         return Err(e);
     }
-    // The booted-VM tier: the .deb under a real systemd PID 1 (docs/vm-tests.md).
+    // The offline install: install.sh --root / --image, uninstall.sh --root.
     if is_root() {
-        step("booted VM: the packaged service under systemd (cargo xtask vm-test)");
-        if let Err(e) = crate::vmtest::run(&[]) {
+        step("offline install: install.sh --root / --image (cargo xtask offline-test)");
+        if let Err(e) = crate::offlinetest::run(&[]) {
             println!("{} passed, 1 failed", tally.passed + 2);
             return Err(e);
         }
     } else if in_ci() {
         println!("{} passed, 1 failed", tally.passed + 2);
+        bail!("the offline install tier needs root, and CI=true forbids skipping it");
+    } else {
+        eprintln!("\n    note: not root, the offline install tier was skipped (run as root to include it)");
+    }
+    // The booted-VM tier: the .deb under a real systemd PID 1 (docs/vm-tests.md).
+    if is_root() {
+        step("booted VM: the packaged service under systemd (cargo xtask vm-test)");
+        if let Err(e) = crate::vmtest::run(&[]) {
+            println!("{} passed, 1 failed", tally.passed + 3);
+            return Err(e);
+        }
+    } else if in_ci() {
+        println!("{} passed, 1 failed", tally.passed + 3);
         bail!("the booted-VM tier needs root, and CI=true forbids skipping it");
     } else {
         eprintln!("\n    note: not root, the booted-VM tier was skipped (run as root to include it)");
     }
     // The plain closing line: every cargo test counted, plus the packaging,
-    // signed-repository and booted-VM tiers.
+    // signed-repository, offline install and booted-VM tiers.
     step("all tiers passed");
-    println!("{} passed, {} failed", tally.passed + 3, tally.failed);
+    println!("{} passed, {} failed", tally.passed + 4, tally.failed);
     Ok(())
 }
 
