@@ -408,7 +408,9 @@ root_uninstall() {
         say "removed the line from /etc/rc.local"
     fi
     rm -f "$(rpath "$OFF_BIN")" "$(rpath /usr/local/share/man/man8/$NAME.8)" "$(rpath /etc/logrotate.d/$NAME)"
-    rm -rf "$(rpath "$OFF_SHARE")" "$(rpath "$OFF_CONF_DIR")" "$(rpath /var/lib/$NAME)"
+    rm -rf "$(rpath "$OFF_SHARE")" "$(rpath "$OFF_CONF_DIR")"
+    # uninstall.sh's: unmount what is left under it, one filesystem only.
+    purge_dir "$(rpath /var/lib/$NAME)"
     if [ "$KEEP_LOGS" -eq 1 ]; then
         say "logs kept in /var/log/$NAME"
     else

@@ -360,6 +360,18 @@ fn purge_unmounts_what_is_left_under_the_state_dir_and_deletes_nothing_beyond() 
     assert!(!state.exists(), "the state directory must be gone");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&root.display().to_string()), "a mount is left under the purged root");
+
+    // The same through uninstall.sh --root (offline.sh), for a system image.
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/os-release"), "ID=debian\nPRETTY_NAME=\"test root\"\n").unwrap();
+    nix::mount::mount(Some(&precious), &mnt, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+        .expect("bind mount");
+    let script = vm_tests::harness::workspace_root().join("packaging/common/uninstall.sh");
+    let o = w.run_cmd(std::process::Command::new("sh").arg(&script).arg("--root").arg(&root), Duration::from_secs(60));
+    assert!(o.status.success(), "uninstall.sh --root failed");
+    assert_eq!(std::fs::read_to_string(precious.join("data")).unwrap(), "keep me", "uninstall deleted a mounted file");
+    assert!(!state.exists(), "the state directory must be gone");
 }
 
 /// Failed before: a results endpoint that keeps failing (500) made every
