@@ -151,32 +151,64 @@ json_set() { # file key value
     mv -f "$1.new" "$1"
 }
 
-# The 1.0.3 Python agent in the target: its files move to one backup
-# directory; its config and logs stay where they are (the takeover rules of
-# a live install).
+# The 1.0.3 Python agent in the target, taken over by the rules of a live
+# install (takeover.sh): its unit (and unit.d) and /opt/xcp-vm-agent move to
+# one backup directory with a README, the links enabling the old unit go,
+# /etc/xcp-vm-agent and the old log stay, and one line says so (stdout and
+# the agent's log). A unit neither 1.0.3 nor install.sh wrote is refused.
 root_takeover() {
     _unit=$(rpath /etc/systemd/system/$NAME.service)
     _opt=$(rpath /opt/$NAME)
-    _old=0
-    if [ -d "$_opt" ]; then _old=1; fi
-    if [ -f "$_unit" ] && grep -q "/opt/$NAME" "$_unit"; then _old=1; fi
-    if [ -f "$_unit" ] && [ "$_old" -eq 0 ] && ! grep -q "^ExecStart=$OFF_BIN " "$_unit"; then
-        die "/etc/systemd/system/$NAME.service in the target was written by someone else ($(grep -m1 '^ExecStart=' "$_unit")): it is left alone; move it away and rerun"
+    _old_unit=0
+    if [ -f "$_unit" ] && [ ! -L "$_unit" ]; then
+        if grep -q "/opt/$NAME" "$_unit"; then
+            _old_unit=1
+        elif ! head -n 1 "$_unit" | grep -q "^# systemd unit for $NAME" && ! grep -q "^ExecStart=$OFF_BIN " "$_unit"; then
+            die "/etc/systemd/system/$NAME.service in the target was written by someone else ($(grep -m1 '^ExecStart=' "$_unit")): it is left alone; move it away and rerun"
+        fi
     fi
-    [ "$_old" -eq 1 ] || return 0
-    _bk=$(rpath "$OFF_BACKUP")
+    [ "$_old_unit" -eq 1 ] || [ -d "$_opt" ] || return 0
+    if [ "$_old_unit" -eq 1 ]; then
+        for _l in "$(rpath /etc/systemd/system)"/*.wants/"$NAME.service"; do
+            if [ -L "$_l" ] && [ "$(readlink "$_l")" = "/etc/systemd/system/$NAME.service" ]; then
+                rm -f "$_l"
+            fi
+        done
+    fi
+    _dest=$OFF_BACKUP
+    if [ -e "$(rpath "$_dest")" ]; then _dest=$OFF_BACKUP.$(date +%Y%m%d-%H%M%S); fi
+    _bk=$(rpath "$_dest")
     mkdir -p "$_bk"
+    chmod 0700 "$_bk"
     _moved=""
-    if [ -d "$_opt" ]; then
-        rm -rf "$_bk/opt"
-        mv "$_opt" "$_bk/opt"
-        _moved="/opt/$NAME"
-    fi
-    if [ -f "$_unit" ] && grep -q "/opt/$NAME" "$_unit"; then
+    if [ "$_old_unit" -eq 1 ]; then
         mv "$_unit" "$_bk/$NAME.service"
-        _moved="$_moved /etc/systemd/system/$NAME.service"
+        _moved="/etc/systemd/system/$NAME.service"
+        if [ -d "$_unit.d" ]; then
+            mv "$_unit.d" "$_bk/$NAME.service.d"
+            _moved="$_moved /etc/systemd/system/$NAME.service.d"
+        fi
     fi
-    say "takeover: the Python agent 1.0.3 was in the target: moved${_moved} to $OFF_BACKUP; kept /etc/$NAME/config.json and /var/log/$NAME as they were"
+    if [ -d "$_opt" ]; then
+        mv "$_opt" "$_bk/opt-$NAME"
+        _moved="${_moved:+$_moved and }/opt/$NAME"
+    fi
+    cat >"$_bk/README" <<README
+Moved here by install.sh --root (offline, from the host) on $(date -u '+%Y-%m-%d %H:%M UTC')
+when it took over from the Python agent 1.0.3:
+  $NAME.service   was /etc/systemd/system/$NAME.service (it ran /opt/$NAME)
+  opt-$NAME       was /opt/$NAME
+Kept where they were: /etc/$NAME (config.json, certificates) and
+/var/log/$NAME/agent.log. The old service was disabled.
+README
+    _kept="/etc/$NAME/config.json (unchanged)"
+    [ -d "$(rpath /etc/$NAME)" ] || _kept="no /etc/$NAME"
+    _log=$(rpath /var/log/$NAME/agent.log)
+    [ -f "$_log" ] && _kept="$_kept and /var/log/$NAME/agent.log"
+    _line="took over from the Python agent 1.0.3: disabled it, moved $_moved to $_dest; kept $_kept"
+    mkdir -p "$(dirname "$_log")"
+    echo "$(date -u '+%Y-%m-%dT%H:%M:%SZ') $NAME: $_line" >>"$_log"
+    say "takeover: $_line"
 }
 
 # Config: an existing one keeps every key and gets server_url (and the

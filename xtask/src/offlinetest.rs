@@ -461,18 +461,27 @@ fn takeover(stage: &Path) -> Result<()> {
         "etc/xcp-vm-agent/agent-cert.pem",
         "etc/xcp-vm-agent/agent-key.pem",
         "etc/xcp-vm-agent/ca-cert.pem",
-        "var/log/xcp-vm-agent/agent.log",
     ];
+    let log = e("var/log/xcp-vm-agent/agent.log");
+    let old_log = std::fs::read_to_string(&log)?;
     let before: Vec<Vec<u8>> = kept.iter().map(|p| std::fs::read(e(p))).collect::<std::io::Result<_>>()?;
 
     let out = install(stage, &["--root", &a.to_string_lossy(), URL])?;
-    ensure!(out.contains("takeover: the Python agent 1.0.3"), "no takeover line:\n{out}");
+    ensure!(out.contains("takeover: took over from the Python agent 1.0.3"), "no takeover line:\n{out}");
+    let new_log = std::fs::read_to_string(&log)?;
+    ensure!(
+        new_log.starts_with(&old_log) && new_log[old_log.len()..].contains("took over from the Python agent 1.0.3"),
+        "the old log is not kept with one takeover line after it:\n{new_log}"
+    );
     for (p, b) in kept.iter().zip(&before) {
         ensure!(&std::fs::read(e(p))? == b, "/{p} changed in the takeover");
     }
     ensure!(!e("opt/xcp-vm-agent").exists(), "/opt/xcp-vm-agent is still there");
     let bk = e("var/backups/xcp-vm-agent-1.0.3");
-    ensure!(bk.join("opt/agent.py").exists() && bk.join("xcp-vm-agent.service").exists(), "no backup");
+    for f in ["opt-xcp-vm-agent/agent.py", "xcp-vm-agent.service", "README"] {
+        ensure!(bk.join(f).exists(), "no {f} in /var/backups/xcp-vm-agent-1.0.3");
+    }
+    ensure!(mode(&bk)? == 0o700, "the backup is not 0700");
     let ours = std::fs::read_to_string(e("etc/systemd/system/xcp-vm-agent.service"))?;
     ensure!(ours.contains("ExecStart=/usr/local/bin/xcp-vm-agent "), "the unit is not ours:\n{ours}");
     let link = std::fs::read_link(e("etc/systemd/system/multi-user.target.wants/xcp-vm-agent.service"))?;
@@ -481,7 +490,7 @@ fn takeover(stage: &Path) -> Result<()> {
         Command::new("grep").args(["-rl", "/opt/xcp-vm-agent"]).arg(e("etc/systemd")).stdin(Stdio::null()),
     );
     ensure!(grep.is_err(), "something under /etc/systemd still runs /opt/xcp-vm-agent: {grep:?}");
-    eprintln!("    1.0.3 (stand-in): unit and /opt moved to /var/backups/xcp-vm-agent-1.0.3; config, certificates, log unchanged; our unit enabled");
+    eprintln!("    1.0.3 (stand-in): unit and /opt moved to /var/backups/xcp-vm-agent-1.0.3; config and certificates unchanged, log kept with the takeover line; our unit enabled");
 
     // A unit someone else wrote is left alone: refused.
     let other = "[Service]\nExecStart=/usr/local/bin/my-own-agent\n";
