@@ -84,7 +84,7 @@ pub fn run() -> Result<()> {
     ensure!(!tdir.starts_with(&www), "throwaway keys inside the served tree");
 
     step("repositories: apk index and packages (our checker, signatures by the published key)");
-    check_apk_repo(&www, &keys.apk_name, &[v.clone()])?;
+    check_apk_repo(&www, &keys.apk_name, std::slice::from_ref(&v))?;
     step("repositories: rpm signatures (rpmkeys --checksig), dnf (gpgcheck=1 repo_gpgcheck=1) and zypper");
     check_rpm_repo(&www, &n.out.join(dist::rpm_name(&v)), &v)?;
 
@@ -379,22 +379,39 @@ fn apt_refuses(dir: &Path, what: &str, files: &[(PathBuf, Vec<u8>)]) -> Result<(
 /// connection, `Connection: close`; GET and HEAD only.
 struct StaticServer {
     url: String,
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StaticServer {
     fn start(dir: &Path) -> Result<StaticServer> {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let url = format!("http://{}", l.local_addr()?);
+        let addr = l.local_addr()?;
+        let url = format!("http://{addr}");
         let dir = dir.to_path_buf();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
                 let dir = dir.clone();
                 std::thread::spawn(move || {
                     let _ = serve_one(s, &dir);
                 });
             }
         });
-        Ok(StaticServer { url })
+        Ok(StaticServer { url, addr, stop })
+    }
+}
+
+impl Drop for StaticServer {
+    /// Stop accepting: set the flag, then wake the accept loop.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
     }
 }
 
