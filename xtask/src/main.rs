@@ -9,6 +9,7 @@ mod catalogue;
 mod clidef;
 mod demo;
 mod dist;
+mod fuzz;
 mod offlinetest;
 mod pkgtest;
 mod repo;
@@ -33,6 +34,8 @@ Tasks:
   dist     build the static binary and .deb, .rpm, .apk and .tar.gz into target/dist
   repo     signed apt, rpm-md and apk repositories from the dist artifacts
            (--out DIR --base-url URL [--key FILE --apk-key FILE])
+  fuzz     run the cargo-fuzz targets (job, fstab, http_response, xenstore_reply,
+           config) for --seconds N each (docs/fuzzing.md)
   setup    install the system packages and Rust targets the tasks need
   offline-test  install.sh --root / --image and uninstall.sh --root into Debian trees
            and disk images, links compared with systemctl, update-rc.d, rc-update (root)
@@ -50,6 +53,7 @@ fn main() {
     let r: Result<()> = match task {
         "test" => test::run(rest),
         "setup" => setup::run(rest),
+        "fuzz" => fuzz::run(rest),
         "demo" => demo::run(rest),
         "dist" => dist::run(rest),
         "repo" => repo::run(rest),

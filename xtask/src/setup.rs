@@ -89,6 +89,21 @@ pub fn run_setup(quiet_if_done: bool) -> Result<()> {
             bail!("missing check-jsonschema; install it with: python3 {}", cmd.join(" "));
         }
     }
+    // Fuzzing (cargo xtask fuzz, a short run in cargo xtask test): nightly
+    // and cargo-fuzz from crates.io, built once (about 45 s of CPU).
+    if !crate::fuzz::have_cargo_fuzz() {
+        let has_nightly = Command::new("rustup")
+            .args(["toolchain", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("nightly")))
+            .unwrap_or(false);
+        if !has_nightly {
+            step("setup: installing the nightly Rust toolchain (for cargo fuzz)");
+            util::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        }
+        step("setup: installing cargo-fuzz from crates.io (cargo install --locked)");
+        util::run(crate::util::cargo().args(["install", "--locked", "cargo-fuzz@0.13.2"]))?;
+    }
     // The musl target gives a static binary that runs on glibc and musl
     // systems; without it `dist` falls back to gnu + crt-static.
     let targets = Command::new("rustup").args(["target", "list", "--installed"]).output();

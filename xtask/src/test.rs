@@ -52,7 +52,7 @@ fn parse_result(line: &str) -> Option<(u64, u64)> {
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "cargo xtask test [--no-setup]\n\nInstall what is missing (as root), then run: cargo fmt --check; cargo test for the\nworkspace (unit tests, integration tests against the real mgmt-server over TLS);\nthe root-only loop-device tier; the packaging checks; the signed-repository checks;\nthe booted-VM tier (QEMU, the .deb under systemd). In CI (CI=true) a tier that cannot run fails the run."
+            "cargo xtask test [--no-setup]\n\nInstall what is missing (as root), then run: cargo fmt --check; cargo test for the\nworkspace (unit tests, integration tests against the real mgmt-server over TLS);\nevery cargo-fuzz target for 5 s; the root-only loop-device tier; the packaging checks; the signed-repository checks;\nthe booted-VM tier (QEMU, the .deb under systemd). In CI (CI=true) a tier that cannot run fails the run."
         );
         return Ok(());
     }
@@ -68,6 +68,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut tally = Tally::default();
     step("unit and integration tests: cargo test --workspace");
     tally.cargo_test(cargo().args(["test", "--workspace", "--all-targets"]))?;
+
+    // Every cargo-fuzz target for a few seconds (the build dominates).
+    crate::fuzz::run(&["--seconds".into(), "5".into()])?;
 
     if is_root() {
         step("root tier: loop devices (XCP_TEST_ROOT=1)");

@@ -35,6 +35,12 @@ struct Params {
     logical_volume: Option<String>,
 }
 
+/// Whether `params` are valid parameters for ExtendPartition (the refusal when not),
+/// without running anything; for the fuzz target `job`.
+pub fn check_params(params: &Value) -> Result<(), JobResult> {
+    parse_params::<Params>("ExtendPartition", params).map(|_| ())
+}
+
 pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
     let p: Params = match parse_params("ExtendPartition", params) {
         Ok(p) => p,

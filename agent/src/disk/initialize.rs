@@ -151,6 +151,12 @@ fn predicted_part_node(disk: &Path) -> String {
     }
 }
 
+/// Whether `params` are valid parameters for InitializeDisk (the refusal when not),
+/// without running anything; for the fuzz target `job`.
+pub fn check_params(params: &Value) -> Result<(), JobResult> {
+    parse_params::<Params>("InitializeDisk", params).map(|_| ())
+}
+
 pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
     let p: Params = match parse_params("InitializeDisk", params) {
         Ok(p) => p,

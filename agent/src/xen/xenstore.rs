@@ -514,28 +514,10 @@ impl Client {
         self.send(op, path, msg, deadline)?;
         let mut header = [0u8; HEADER_LEN];
         self.recv_exact(op, path, &mut header, deadline)?;
-        let word = |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-        let (rtype, rreq, _rtx, rlen) = (word(0), word(1), word(2), word(3) as usize);
-        let protocol = |detail: String| XsError::Protocol { op, path: path.into(), detail };
-        if rlen > PAYLOAD_MAX {
-            return Err(protocol(format!("payload length {rlen} exceeds the xenstore limit of {PAYLOAD_MAX}")));
-        }
-        let Some(rop) = Op::from_u32(rtype) else {
-            return Err(protocol(format!("unknown message type {rtype}")));
-        };
-        if rreq != req_id {
-            return Err(protocol(format!("reply carries request id {rreq}, expected {req_id}")));
-        }
+        let (rop, rlen) = check_header(op, path, req_id, &header)?;
         let mut body = vec![0u8; rlen];
         self.recv_exact(op, path, &mut body, deadline)?;
-        if rop == Op::Error {
-            let name = String::from_utf8_lossy(trim_nul(&body)).into_owned();
-            return Err(XsError::Server { op, path: path.into(), errno: XsErrno::parse(&name) });
-        }
-        if rop != op {
-            return Err(protocol(format!("reply has type {} to a {} request", rop.name(), op.name())));
-        }
-        Ok(body)
+        reply_body(op, path, rop, body)
     }
 
     fn send(&mut self, op: Op, path: &str, msg: &[u8], deadline: Instant) -> Result<(), XsError> {
@@ -591,6 +573,56 @@ impl Client {
     }
 }
 
+/// The reply header to request `req_id` of type `op`: the reply's type and
+/// payload length, checked before the payload is read.
+fn check_header(op: Op, path: &str, req_id: u32, header: &[u8; HEADER_LEN]) -> Result<(Op, usize), XsError> {
+    let word = |i: usize| u32::from_le_bytes([header[i * 4], header[i * 4 + 1], header[i * 4 + 2], header[i * 4 + 3]]);
+    let (rtype, rreq, _rtx, rlen) = (word(0), word(1), word(2), word(3) as usize);
+    let protocol = |detail: String| XsError::Protocol { op, path: path.into(), detail };
+    if rlen > PAYLOAD_MAX {
+        return Err(protocol(format!("payload length {rlen} exceeds the xenstore limit of {PAYLOAD_MAX}")));
+    }
+    let Some(rop) = Op::from_u32(rtype) else {
+        return Err(protocol(format!("unknown message type {rtype}")));
+    };
+    if rreq != req_id {
+        return Err(protocol(format!("reply carries request id {rreq}, expected {req_id}")));
+    }
+    Ok((rop, rlen))
+}
+
+/// The payload of a reply of type `rop` to an `op` request, or the error it
+/// names.
+fn reply_body(op: Op, path: &str, rop: Op, body: Vec<u8>) -> Result<Vec<u8>, XsError> {
+    if rop == Op::Error {
+        let name = String::from_utf8_lossy(trim_nul(&body)).into_owned();
+        return Err(XsError::Server { op, path: path.into(), errno: XsErrno::parse(&name) });
+    }
+    if rop != op {
+        return Err(XsError::Protocol {
+            op,
+            path: path.into(),
+            detail: format!("reply has type {} to a {} request", rop.name(), op.name()),
+        });
+    }
+    Ok(body)
+}
+
+/// Parse one whole reply message (header and payload) to request `req_id`
+/// of type `op`, as [`Client::request`] does on the wire; for tests and the
+/// fuzz target `xenstore_reply`.
+pub fn parse_reply(op: Op, req_id: u32, msg: &[u8]) -> Result<Vec<u8>, XsError> {
+    let path = "(parsed)";
+    let Some(header) = msg.get(..HEADER_LEN) else {
+        return Err(XsError::Closed { op, path: path.into() });
+    };
+    let (rop, rlen) = check_header(op, path, req_id, header.try_into().expect("HEADER_LEN bytes"))?;
+    let Some(body) = msg.get(HEADER_LEN..HEADER_LEN + rlen) else {
+        return Err(XsError::Closed { op, path: path.into() });
+    };
+    reply_body(op, path, rop, body.to_vec())
+}
+
 fn trim_nul(b: &[u8]) -> &[u8] {
     match b.iter().position(|c| *c == 0) {
         Some(i) => &b[..i],
@@ -628,6 +660,24 @@ pub fn with_transaction<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_parse_as_on_the_wire() {
+        assert_eq!(parse_reply(Op::Read, 7, &msg(Op::Read as u32, 7, b"v")).unwrap(), b"v");
+        let e = parse_reply(Op::Read, 7, &msg(Op::Error as u32, 7, b"ENOENT\0")).unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(parse_reply(Op::Read, 7, &msg(Op::Read as u32, 8, b"v"))
+            .unwrap_err()
+            .to_string()
+            .contains("request id"));
+        assert!(parse_reply(Op::Read, 7, &msg(Op::Write as u32, 7, b"")).is_err());
+        let mut big = msg(Op::Read as u32, 7, b"");
+        big[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_reply(Op::Read, 7, &big).unwrap_err().to_string().contains("exceeds"));
+        let short = msg(Op::Read as u32, 7, b"abc");
+        assert!(parse_reply(Op::Read, 7, &short[..short.len() - 1]).is_err());
+        assert!(parse_reply(Op::Read, 7, &short[..5]).is_err());
+    }
     use std::os::unix::net::UnixListener;
 
     /// A one-shot server: reads one request, answers with `reply(req_id)`.
