@@ -1245,6 +1245,21 @@ mod tests {
         // A TLS server is no HTTP proxy: the CONNECT answer is garbage.
         let Err(Failure::Reach(e)) = post(&c, "{}") else { panic!() };
         assert!(format!("{e:#}").contains("answered CONNECT"), "{e:#}");
+        // A name the certificate does not carry: the tunnel reaches the
+        // right server, and the handshake must refuse it.
+        let (pport, seen) = proxy("HTTP/1.1 200 Connection established\r\n\r\n");
+        let c = Https::new(
+            Target { host: "other.invalid".into(), port: s.addr.port(), prefix: String::new() },
+            Some(Proxy { host: "127.0.0.1".into(), port: pport, auth: None }),
+            p.client.clone(),
+            "t".into(),
+            timeouts(),
+        )
+        .unwrap();
+        let Err(Failure::Reach(e)) = post(&c, "{}") else { panic!("a wrong name must not be reached") };
+        let m = format!("{e:#}");
+        assert!(m.contains("certificate") && m.contains("other.invalid"), "{m}");
+        assert!(seen.lock().unwrap()[0].starts_with("CONNECT other.invalid:"), "the tunnel was not opened");
     }
 
     /// A CONNECT proxy: checks the request, then relays both ways.
@@ -1263,8 +1278,10 @@ mod tests {
                 if !answer.starts_with("HTTP/1.1 200") {
                     continue;
                 }
+                // Every name is this machine's loopback: the port decides.
                 let to = head.split(' ').nth(1).unwrap().to_string();
-                let up = TcpStream::connect(to.replace("localhost", "127.0.0.1")).unwrap();
+                let up =
+                    TcpStream::connect(("127.0.0.1", to.rsplit(':').next().unwrap().parse::<u16>().unwrap())).unwrap();
                 let (mut a, mut b) = (up.try_clone().unwrap(), tcp.try_clone().unwrap());
                 std::thread::spawn(move || io::copy(&mut b, &mut a));
                 let (mut a, mut b) = (up, tcp);

@@ -501,8 +501,12 @@ mod tests {
         assert_eq!(r.status, Status::Refused);
         assert!(r.message.contains("invalid type"), "{}", r.message);
         let r = run(&ctx(d.path()), &json!({"script": "true", "timeout": 3}));
-        assert!(r.message.contains("timeout"), "{}", r.message);
+        assert_eq!(r.status, Status::Refused);
+        assert!(r.message.contains("unknown field `timeout`"), "{}", r.message);
+        // Every RunScript message names RunScript: the field must be named
+        // as the missing one.
         let r = run(&ctx(d.path()), &json!({}));
-        assert!(r.message.contains("script"), "{}", r.message);
+        assert_eq!(r.status, Status::Refused);
+        assert!(r.message.contains("missing field `script`"), "{}", r.message);
     }
 }
