@@ -144,17 +144,9 @@ fn protocol_errors_name_the_problem() {
             );
         }
     };
-    // All on one keep-alive connection: a 400 for a bad body must not break it.
+    // All on one keep-alive connection (TlsClient never reconnects): a 400
+    // for a bad body must not break it. Every error matches error.json.
     expect("/api/v1/checkin", b"{not json", 400, &["malformed JSON"]);
-    let mut c = client(&w, &s);
-    let mut expect = |path: &str, body: &[u8], status: u16, words: &[&str]| {
-        let (st, v) = c.post(path, body).unwrap();
-        assert_eq!(st, status, "{path} {:?}: {v}", String::from_utf8_lossy(body));
-        let e = v["error"].as_str().unwrap_or("");
-        for word in words {
-            assert!(e.contains(word), "error for {path} should mention {word:?}: {e}");
-        }
-    };
     expect("/api/v1/checkin", b"[1, 2]", 400, &["JSON object"]);
     let mut b = checkin_body(VM, 0);
     b["wait_seconds"] = json!("10");
@@ -221,11 +213,14 @@ fn long_poll_holds_then_wakes_when_a_job_is_queued() {
 
     // A job queued while the check-in is held is answered at once.
     let t0 = Instant::now();
+    let n = admin.checkin_count(VM);
     let waiter = {
         let mut c = client(&w, &s);
         std::thread::spawn(move || (checkin(&mut c, VM, 30), Instant::now()))
     };
-    std::thread::sleep(Duration::from_millis(400));
+    // The server records a check-in before it holds it.
+    let held = wait_for(Duration::from_secs(10), || (admin.checkin_count(VM) > n).then_some(()));
+    assert!(held.is_some(), "the check-in never reached the server");
     let queued_at = Instant::now();
     let id = admin.queue(VM, "RunScript", json!({"script": "true"}));
     let (jobs, answered_at) = waiter.join().unwrap();
@@ -248,13 +243,18 @@ fn long_poll_holds_then_wakes_when_a_job_is_queued() {
 
     // Another VM's job does not wake this VM's check-in.
     report(&mut c, VM, vec![result(&id, "succeeded"), result(&id2, "succeeded")]);
+    let n = admin.checkin_count(VM);
+    let t0 = Instant::now();
     let waiter = {
         let mut c = client(&w, &s);
-        std::thread::spawn(move || checkin(&mut c, VM, 2))
+        std::thread::spawn(move || checkin(&mut c, VM, 3))
     };
-    std::thread::sleep(Duration::from_millis(200));
+    let held = wait_for(Duration::from_secs(10), || (admin.checkin_count(VM) > n).then_some(()));
+    assert!(held.is_some(), "the check-in never reached the server");
     admin.queue("another-vm", "RunScript", json!({}));
     assert!(waiter.join().unwrap().is_empty());
+    // Held its full 3 s: the other VM's job did not end it early.
+    assert!(t0.elapsed() >= Duration::from_secs(3), "the check-in ended after {:?}", t0.elapsed());
 
     // The server's own bound caps the agent's.
     let s2 = w.start_server("state2", &["--max-wait", "1"]);
