@@ -11,6 +11,7 @@ mod demo;
 mod dist;
 mod fuzz;
 mod offlinetest;
+mod mutants;
 mod pkgtest;
 mod repo;
 mod repotest;
@@ -36,6 +37,8 @@ Tasks:
            (--out DIR --base-url URL [--key FILE --apk-key FILE])
   fuzz     run the cargo-fuzz targets (job, fstab, http_response, xenstore_reply,
            config) for --seconds N each (docs/fuzzing.md)
+  mutants  mutation testing (cargo-mutants) of the agent's pure core modules;
+           `--file PATH` for one file; writes target/mutants/summary.md
   setup    install the system packages and Rust targets the tasks need
   offline-test  install.sh --root / --image and uninstall.sh --root into Debian trees
            and disk images, links compared with systemctl, update-rc.d, rc-update (root)
@@ -58,6 +61,7 @@ fn main() {
         "dist" => dist::run(rest),
         "repo" => repo::run(rest),
         "bench" => bench::run(rest),
+        "mutants" => mutants::run(rest),
         "vm-test" => vmtest::run(rest),
         "catalogue" => catalogue::run(rest),
         "offline-test" => offlinetest::run(rest),

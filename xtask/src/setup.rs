@@ -120,8 +120,11 @@ pub fn run_setup(quiet_if_done: bool) -> Result<()> {
 
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("cargo xtask setup\n\nInstall the system packages (apt-get, as root) and the musl Rust target that\nthe test, demo, bench and dist tasks need. Prints the command when not root.");
+        println!("cargo xtask setup\n\nInstall the system packages (apt-get, as root) and the musl Rust target that\nthe test, demo, bench and dist tasks need (prints the command when not root),\nand cargo-mutants for `cargo xtask mutants` (not needed by `cargo xtask test`).");
         return Ok(());
     }
-    run_setup(false)
+    run_setup(false)?;
+    // Only here, not in run_setup: `cargo xtask test` must not spend minutes
+    // of CI time building a tool it does not use.
+    crate::mutants::ensure_cargo_mutants()
 }
