@@ -25,6 +25,17 @@ pub const CORE: &[&str] = &[
     "agent/src/jobs/mod.rs",
 ];
 
+/// The unit tests run against a mutant of `file`: the agent's library
+/// tests of the file's own module (`agent/src/disk/fstab.rs` ->
+/// `disk::fstab::`; `jobs/mod.rs` -> `jobs::`). A pure module's behaviour is
+/// pinned by its own tests; running the whole suite (40-70 s on a loaded
+/// 2-core machine, with its network and timeout tests) for each mutant
+/// would make a run take hours.
+pub fn test_filter(file: &str) -> String {
+    let m = file.trim_start_matches("agent/src/").trim_end_matches(".rs").trim_end_matches("/mod");
+    format!("{}::", m.replace('/', "::"))
+}
+
 /// The agent's package: its unit tests are the ones that must catch a
 /// mutant in its pure modules.
 const PACKAGE: &str = "xcp-vm-agent";
@@ -33,7 +44,7 @@ const HELP: &str = "\
 cargo xtask mutants [--file PATH]... [--list]
 
 Mutation testing (cargo-mutants) of the agent's pure core modules, one file at a
-time: each mutant is built and the agent's unit tests run against it; a mutant
+time: each mutant is built and the agent's unit tests of that module run against it; a mutant
 the tests do not catch is a behaviour no test pins down. Installs cargo-mutants
 (cargo install --locked) when missing. Writes target/mutants/<file>/mutants.out
 and target/mutants/summary.md. About 10 s a mutant on an idle 2-core machine.
@@ -138,12 +149,13 @@ pub fn run(args: &[String]) -> Result<()> {
             // every file's copy of the tree.
             .env("CARGO_TARGET_DIR", out_root.join("build"))
             .args(["mutants", "--package", PACKAGE, "--file", f, "--jobs", "1", "--no-shuffle", "--colors", "never"]);
+        let filter = test_filter(f);
         if list {
             util::run(cmd.arg("--list"))?;
             continue;
         }
-        cmd.arg("--output").arg(&out);
-        step(&format!("mutants: {f}"));
+        cmd.arg("--output").arg(&out).args(["--", "--lib", &filter]);
+        step(&format!("mutants: {f} (tests: {filter})"));
         let t0 = Instant::now();
         // cargo-mutants exits 2 when a mutant survives, 3 on a timeout:
         // figures come from outcomes.json, not from the exit status.
@@ -224,5 +236,8 @@ mod tests {
         assert_eq!(f.survivors, vec!["line 7: delay: FnValue -> 0".to_string()]);
         assert_eq!(f.score(), 75.0);
         assert_eq!(slug("agent/src/disk/fstab.rs"), "disk_fstab_rs");
+        assert_eq!(test_filter("agent/src/disk/fstab.rs"), "disk::fstab::");
+        assert_eq!(test_filter("agent/src/jobs/mod.rs"), "jobs::");
+        assert_eq!(test_filter("agent/src/state.rs"), "state::");
     }
 }
