@@ -64,7 +64,7 @@ impl Rng {
             u64::from_le_bytes(b)
         } else {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
+            fallback_seed(t.as_nanos() as u64, std::process::id())
         };
         Rng::new(seed)
     }
@@ -91,6 +91,12 @@ impl Rng {
     pub fn hex_id(&mut self) -> String {
         format!("{:016x}{:016x}", self.next_u64(), self.next_u64())
     }
+}
+
+/// The seed without /dev/urandom: the clock's nanoseconds with the pid in
+/// the high half, so agents started in the same nanosecond still differ.
+fn fallback_seed(nanos: u64, pid: u32) -> u64 {
+    nanos ^ (u64::from(pid) << 32)
 }
 
 /// Delay before the first check-in: random in `[0, min(interval, 30 s)]`, so
@@ -139,6 +145,67 @@ mod tests {
         let low = v.iter().filter(|&&x| x < 25_000).count();
         let high = v.iter().filter(|&&x| x > 75_000).count();
         assert!(low > 350 && high > 350, "low {low} high {high}");
+    }
+
+    #[test]
+    fn failures_are_counted_and_reset() {
+        let mut b = Backoff::agent_default();
+        let mut rng = Rng::new(9);
+        assert_eq!(b.failures(), 0);
+        for n in 1..=3 {
+            b.next_delay(&mut rng);
+            assert_eq!(b.failures(), n);
+        }
+        b.reset();
+        assert_eq!(b.failures(), 0);
+    }
+
+    #[test]
+    fn rng_is_xorshift64_star() {
+        // The reference xorshift64* (shifts 12, 25, 27) from seed 1.
+        let mut r = Rng::new(1);
+        assert_eq!(
+            [r.next_u64(), r.next_u64(), r.next_u64()],
+            [0x47e4_ce4b_896c_dd1d, 0xabcf_a6a8_e079_651d, 0xb9d1_0d8f_eb73_1f57]
+        );
+        // Seeds are made odd (never the all-zero state).
+        assert_eq!(Rng::new(0).next_u64(), Rng::new(1).next_u64());
+    }
+
+    #[test]
+    fn fallback_seed_mixes_the_pid_into_the_high_half() {
+        assert_eq!(fallback_seed(u64::MAX, 1), u64::MAX ^ (1 << 32));
+        assert_eq!(fallback_seed(0x1234, 7), (7 << 32) | 0x1234);
+        assert_ne!(fallback_seed(5, 1), fallback_seed(5, 2));
+    }
+
+    #[test]
+    fn both_ends_of_the_range_are_reached() {
+        // [0, max] includes max: with max = 1 ms both 0 and 1 come up.
+        let mut rng = Rng::new(5);
+        let v: Vec<u128> = (0..200).map(|_| rng.duration_up_to(Duration::from_millis(1)).as_millis()).collect();
+        assert!(v.contains(&0) && v.contains(&1) && v.iter().all(|&x| x <= 1), "{v:?}");
+        assert_eq!(rng.duration_up_to(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn hex_ids_are_32_hex_digits_and_differ() {
+        let mut rng = Rng::new(11);
+        let (a, b) = (rng.hex_id(), rng.hex_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{a}");
+        assert_ne!(a, b);
+        // The two halves are two draws.
+        assert_eq!(&a[..16], format!("{:016x}", Rng::new(11).next_u64()));
+    }
+
+    #[test]
+    fn first_checkin_is_spread_not_zero() {
+        // The point of the delay is spread: a pool must not all wait 0.
+        let mut rng = Rng::new(13);
+        let v: Vec<Duration> = (0..100).map(|_| first_checkin_delay(Duration::from_secs(20), &mut rng)).collect();
+        assert!(v.iter().filter(|d| d.is_zero()).count() < 5, "{v:?}");
+        assert!(v.iter().any(|d| *d > Duration::from_secs(10)), "{v:?}");
     }
 
     #[test]
