@@ -5,8 +5,10 @@
 //!   server binaries (scratch dirs, PKI, configs, admin client, a fake
 //!   HTTPS responder), used by `tests/*.rs`.
 //! - [`schema`]: a small JSON Schema checker for the schemas in `docs/schemas`.
+//! - [`tier`]: the one definition of the plain tier, the root tier and CI.
 //! - [`xenstored`]: a test xenstored on a unix socket (`test-xenstored` binary).
 pub mod harness;
 pub mod schema;
 pub mod server;
+pub mod tier;
 pub mod xenstored;

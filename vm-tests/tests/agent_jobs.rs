@@ -188,19 +188,6 @@ fn a_job_id_with_a_newline_never_runs_twice() {
     assert_eq!(finals[0]["job_id"], "first line\nsecond line");
 }
 
-/// Root for mounts: in CI (as root) this always runs; elsewhere it is skipped
-/// with a note when not root.
-fn root_or_skip(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what} needs root, and CI=true forbids skipping it");
-    }
-    eprintln!("skipped: {what} needs root");
-    false
-}
-
 struct Unmount(std::path::PathBuf);
 impl Drop for Unmount {
     fn drop(&mut self) {
@@ -228,10 +215,9 @@ fn fill(dir: &std::path::Path) {
 /// and the errno, without running; check-ins go on; the agent also starts
 /// with the disk already full, and runs jobs again once there is space.
 #[test]
+#[ignore = "root tier: needs root for mounts (cargo xtask test runs it with --ignored)"]
 fn full_state_disk_answers_failed_without_running_and_keeps_checking_in() {
-    if !root_or_skip("the full-tmpfs test") {
-        return;
-    }
+    vm_tests::tier::require_root();
     let w = World::new("fulldisk", SERVER);
     let server = w.start_server("server-state", &[]);
     let mnt = w.path("small");
@@ -334,10 +320,9 @@ fn timeout_kills_setsid_children_and_says_how_many() {
 /// the mount is unmounted first and the deletion stays on one filesystem.
 /// The real maintainer script, run as dpkg runs it with `DPKG_ROOT`.
 #[test]
+#[ignore = "root tier: needs root for mounts (cargo xtask test runs it with --ignored)"]
 fn purge_unmounts_what_is_left_under_the_state_dir_and_deletes_nothing_beyond() {
-    if !root_or_skip("the purge test") {
-        return;
-    }
+    vm_tests::tier::require_root();
     let w = World::new("purge", SERVER);
     let root = w.path("root");
     let state = root.join("var/lib/xcp-vm-agent");

@@ -1,7 +1,8 @@
 //! Root-only tier: ExtendPartition and InitializeDisk on real loop devices,
-//! through the real agent binary (`xcp-vm-agent exec`). Run with
-//! `XCP_TEST_ROOT=1 cargo test -p vm-tests --test disk -- --test-threads=1`
-//! as root (`cargo xtask test` does). Every loop device, mount and volume
+//! through the real agent binary (`xcp-vm-agent exec`). Every test is
+//! `#[ignore]` in the plain tier; run them as root with
+//! `cargo test -p vm-tests --test disk -- --ignored --test-threads=1`
+//! (`cargo xtask test` does; see `vm_tests::tier`). Every loop device, mount and volume
 //! group is removed by Drop guards, also when a test fails.
 #[path = "disk/util.rs"]
 mod util;
@@ -22,9 +23,7 @@ fn mkfs(fs: &str, dev: &str) {
 /// Shared body: partition `label`, filesystem `fs`, grow the disk, extend,
 /// check sizes, contents and that a rerun is `no_change`.
 fn extend_case(fs: &str, label: &str, sector: u32, mounted: bool, how: &str) {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let (size, part, grown) = if fs == "xfs" { (400, 320, 700) } else { (128, 64, 256) };
     let l = Loop::new(size, sector);
     l.partition(label, &format!("start=1MiB,size={part}MiB"));
@@ -86,40 +85,45 @@ fn extend_case(fs: &str, label: &str, sector: u32, mounted: bool, how: &str) {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_ext4_gpt_mounted_by_mount_point() {
     extend_case("ext4", "gpt", 512, true, "mount_point");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_ext4_gpt_unmounted_4k_sectors_disk_and_number() {
     extend_case("ext4", "gpt", 4096, false, "disk");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_ext3_mbr_unmounted_by_partition() {
     extend_case("ext3", "dos", 512, false, "partition");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_ext2_mbr_mounted_4k_sectors() {
     extend_case("ext2", "dos", 4096, true, "mount_point");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_xfs_gpt_mounted() {
     extend_case("xfs", "gpt", 512, true, "mount_point");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_xfs_mbr_unmounted_4k_sectors_temp_mount() {
     extend_case("xfs", "dos", 4096, false, "partition");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_dry_run_plans_and_changes_nothing() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(128, 512);
     l.partition("gpt", "start=1MiB,size=64MiB");
     mkfs("ext4", &l.part(1));
@@ -137,10 +141,9 @@ fn extend_dry_run_plans_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_refuses_partition_in_the_way() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(128, 512);
     l.partition("dos", "start=1MiB,size=64MiB\nstart=65MiB,size=16MiB,type=82");
     mkfs("ext4", &l.part(1));
@@ -153,10 +156,9 @@ fn extend_refuses_partition_in_the_way() {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_refuses_luks_and_unknown_content() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(128, 512);
     l.partition("gpt", "start=1MiB,size=32MiB\nstart=40MiB,size=32MiB");
     bash(&format!(
@@ -174,10 +176,9 @@ fn extend_refuses_luks_and_unknown_content() {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_lvm_pv_and_logical_volume() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(128, 512);
     l.partition("gpt", "start=1MiB,size=64MiB");
     let p1 = l.part(1);
@@ -199,7 +200,9 @@ fn extend_lvm_pv_and_logical_volume() {
     let o = a.exec("ExtendPartition", json!({"device": p1}));
     o.expect("succeeded");
     let steps = &o.result["details"]["steps"];
-    assert!(steps[0]["after_bytes"].as_u64() > steps[0]["before_bytes"].as_u64(), "PV did not grow: {o}");
+    let (before, after) = (steps[0]["before_bytes"].as_u64(), steps[0]["after_bytes"].as_u64());
+    let (Some(before), Some(after)) = (before, after) else { panic!("the PV step has no byte counts: {o}") };
+    assert!(after > before, "PV did not grow: {o}");
     let free = sh("vgs", &["--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", &vg]);
     assert!(free.trim().parse::<u64>().unwrap() > 180 * MIB, "vg_free is {free}");
     let o = a.exec_with("ExtendPartition", json!({"device": p1}), false, None);
@@ -207,10 +210,9 @@ fn extend_lvm_pv_and_logical_volume() {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn extend_mbr_grows_to_the_2_tib_limit() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     // 2 TiB + 1 GiB sparse; only XFS metadata is written.
     let l = Loop::new(2 * 1024 * 1024 + 1024, 512);
     l.partition("dos", "start=1MiB,size=320MiB");
@@ -250,9 +252,7 @@ fn check_initialized(l: &Loop, a: &Agent, fs: &str, mp: &Path) {
 }
 
 fn init_case(fs: &str, sector: u32, mp_name: &str) {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(400, sector);
     let a = Agent::new();
     let mp = l.dir.path().join(mp_name);
@@ -272,20 +272,21 @@ fn init_case(fs: &str, sector: u32, mp_name: &str) {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_ext4_512() {
     init_case("ext4", 512, "data");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_xfs_4k_sectors_space_in_mount_point() {
     init_case("xfs", 4096, "my data");
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_dry_run_plans_and_changes_nothing() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(400, 512);
     let a = Agent::new();
     let mp = l.dir.path().join("data");
@@ -311,10 +312,9 @@ fn refused_unchanged(l: &Loop, a: &Agent, params: serde_json::Value, reason: &st
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_refusals_leave_the_device_unchanged() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let a = Agent::new();
     // existing filesystem on the whole disk
     let l = Loop::new(64, 512);
@@ -379,10 +379,9 @@ fn refused_unchanged_swap(l: &Loop, a: &Agent, mp: &Path) -> Result<(), String> 
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_force_overwrites_a_signature() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     let l = Loop::new(400, 512);
     mkfs("xfs", &l.dev);
     let a = Agent::new();
@@ -396,10 +395,9 @@ fn initialize_force_overwrites_a_signature() {
 // ---------------------------------------------------------------- fault injection
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn failpoints_initialize_every_step_converges() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     for fp in
         ["initialize.after_partition", "initialize.after_mkfs", "initialize.after_fstab_temp", "initialize.after_fstab"]
     {
@@ -449,10 +447,9 @@ fn failpoint_extend(fs: &str, fp: &str, mounted: bool) {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn failpoints_extend_every_step_converges() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     for fp in [
         "extend.after_lock",
         "extend.after_growpart",
@@ -464,6 +461,10 @@ fn failpoints_extend_every_step_converges() {
     }
     if can_resize_ext_online() {
         failpoint_extend("ext4", "extend.after_resize2fs", true);
+    } else {
+        // Not a CI failure: no container here has CAP_SYS_RESOURCE, and the
+        // booted-VM tier grows a mounted ext4 online (docs/testing.md).
+        eprintln!("note: no CAP_SYS_RESOURCE: the mounted ext4 after_resize2fs failpoint case is not exercised here");
     }
     for fp in ["extend.after_temp_mount", "extend.after_xfs_growfs"] {
         failpoint_extend("xfs", fp, false);
@@ -471,24 +472,39 @@ fn failpoints_extend_every_step_converges() {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_probes_the_disk_under_its_lock() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     // Another tool holds the disk's lock (the flock convention) and formats
     // it meanwhile. The agent must wait for the lock before it looks at the
     // disk, and then refuse: not act on what it saw before the lock.
+    // The other tool formats only once the agent is waiting for the lock
+    // (it has the disk's node open and is still running), so an agent that
+    // looked before locking would have seen an empty disk.
     let l = Loop::new(64, 512);
     let mp = l.dir.path().join("data");
+    let go = l.dir.path().join("go");
     let mut holder = std::process::Command::new("flock")
-        .args([&l.dev, "sh", "-c", &format!("sleep 2; mkfs.ext4 -q -F {}", l.dev)])
+        .args([
+            &l.dev,
+            "sh",
+            "-c",
+            &format!("while [ ! -e '{}' ]; do sleep 0.05; done; mkfs.ext4 -q -F {}", go.display(), l.dev),
+        ])
         .spawn()
         .unwrap();
     wait_for("the other tool's lock", || {
         !std::process::Command::new("flock").args(["-n", &l.dev, "true"]).status().unwrap().success()
     });
     let a = Agent::new();
-    let o = a.exec("InitializeDisk", init_params(&l, "ext4", &mp));
+    let params = init_params(&l, "ext4", &mp);
+    let o = std::thread::scope(|sc| {
+        let t = sc.spawn(|| a.exec("InitializeDisk", params));
+        wait_for("the agent to wait for the disk's lock", || t.is_finished() || agent_has_open(&l.dev));
+        assert!(!t.is_finished(), "the agent did not wait for the lock: {:?}", t.join().unwrap());
+        std::fs::write(&go, "").unwrap();
+        t.join().unwrap()
+    });
     assert!(holder.wait().unwrap().success());
     o.expect("refused").expect_message("ext4");
     let probe = sh("blkid", &["-p", "-o", "export", &l.dev]);
@@ -497,10 +513,9 @@ fn initialize_probes_the_disk_under_its_lock() {
 }
 
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn initialize_refuses_a_stale_fstab_line_for_the_partition_it_would_create() {
-    if !root_tier() {
-        return;
-    }
+    require_root();
     // fstab still names partition 1 of this disk by path (left from the
     // disk that was there before). The partition does not exist yet, but
     // the one InitializeDisk creates gets that name: two entries, one disk.

@@ -197,7 +197,7 @@ fn identity_in_each_fixture() {
 fn identity_without_xenstore_says_not_available() {
     // No XENSTORED_PATH and no xenbus device on this machine.
     if std::env::var_os("XENSTORED_PATH").is_some() || Path::new("/dev/xen/xenbus").exists() {
-        eprintln!("note: this machine has a xenstore; the not-available case cannot be observed here");
+        vm_tests::tier::cannot_run("this machine has a xenstore; the not-available case cannot be observed");
         return;
     }
     let id = xenstore_identity();
@@ -395,10 +395,15 @@ fn publisher_writes_every_key_then_only_what_changed() {
 
     // Someone wipes our keys (the toolstack after a migration): a new domain
     // id makes the publisher rewrite everything.
+    let attr = |xs: &Xenstored| -> String {
+        xs.tree().dump().lines().filter(|l| l.starts_with("/local/domain/12/attr/")).collect::<Vec<_>>().join("\n")
+    };
+    let attr_before = attr(&xs);
+    assert!(attr_before.lines().count() >= 10, "{attr_before}");
     xs.rm("attr");
     xs.set("domid", "13");
     p.tick_at(&cfg, t0 + Duration::from_secs(80));
-    assert_eq!(xs.get("attr/PVAddons/Installed").as_deref(), Some("1"));
+    assert_eq!(attr(&xs), attr_before, "every attr key must be written again");
 }
 
 #[test]
@@ -420,7 +425,8 @@ fn auto_mode_is_silent_while_another_agent_publishes() {
     std::fs::remove_dir_all(files.root().join("proc/4242")).unwrap();
     assert!(matches!(p.tick(&config(XenPublish::Auto, None)), Status::Published { .. }));
     assert_eq!(xs.get("attr/vif/0/ipv4/0").as_deref(), Some("192.0.2.99"));
-    assert_ne!(xs.get("attr/PVAddons/MajorVersion").as_deref(), Some("7"));
+    let major = xcp_vm_agent::VERSION.split('.').next().unwrap();
+    assert_eq!(xs.get("attr/PVAddons/MajorVersion").as_deref(), Some(major), "xe-daemon's 7 must be replaced");
 
     // always publishes even beside xe-daemon.
     let (_d2, xs2) = serve("xe-daemon");
@@ -561,10 +567,13 @@ fn hostile_replies_are_errors_never_hangs() {
                     }
                 };
                 assert!(ok, "{how:?} gave {e:?}");
-                // The connection is out of step now: refused at once, no second wait.
+                // The connection is out of step now: refused at once, no second
+                // wait. With a 30 s timeout a second wait would show as 30 s;
+                // 10 s is far above what a loaded machine needs for no wait.
+                let mut c = c.with_timeout(Duration::from_secs(30));
                 let t = Instant::now();
                 assert!(matches!(c.write("data/x", "1").unwrap_err(), XsError::Broken { .. }), "{how:?}");
-                assert!(t.elapsed() < Duration::from_millis(50));
+                assert!(t.elapsed() < Duration::from_secs(10), "{how:?}: a second wait of {:?}", t.elapsed());
 
                 // The higher layers give errors too, within one timeout each.
                 let t = Instant::now();
@@ -685,11 +694,9 @@ fn vbd_resolution_checks_device_and_size() {
 /// Root tier: a VBD-addressed target resolved to a real loop device whose
 /// size matches the backend.
 #[test]
+#[ignore = "root tier: needs root and loop devices (cargo xtask test runs it with --ignored)"]
 fn vbd_resolution_to_a_loop_device() {
-    if std::env::var_os("XCP_TEST_ROOT").is_none() {
-        eprintln!("note: root tier test; run with XCP_TEST_ROOT=1 as root");
-        return;
-    }
+    vm_tests::tier::require_root();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();

@@ -183,24 +183,3 @@ pub fn measure(agent: &Path, dir: &Path) -> Result<(f64, f64)> {
     let r = |a: Vec<Duration>, h: Vec<Duration>| median(a).as_secs_f64() / median(h).as_secs_f64();
     Ok((r(ext_agent, ext_hand), r(init_agent, init_hand)))
 }
-
-#[cfg(test)]
-mod tests {
-    /// Just the disk ratios, without the rest of `cargo xtask bench`:
-    /// `sudo cargo test -p xtask -- --ignored disk_ratios --nocapture`,
-    /// with `XCP_BENCH_AGENT` naming the agent binary (default: the
-    /// release build).
-    #[test]
-    #[ignore]
-    fn disk_ratios() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let agent = std::env::var("XCP_BENCH_AGENT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| root.join("target/release/xcp-vm-agent"));
-        let dir = std::env::temp_dir().join(format!("xcp-bench-disk-{}", std::process::id()));
-        let r = super::measure(&agent, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        let (e, i) = r.unwrap();
-        println!("extend_overhead_ratio {e:.3} initialize_overhead_ratio {i:.3}");
-    }
-}

@@ -9,19 +9,10 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
-}
+/// The workspace's one definition of root and CI (vm-tests/src/tier.rs).
+#[path = "../../vm-tests/src/tier.rs"]
+mod tier;
+pub use tier::{in_ci, is_root};
 
 /// Print a progress line that stands out in long logs.
 pub fn step(msg: &str) {

@@ -82,6 +82,26 @@ const VM_UUID: &str = "6b1d3c6e-0f3a-4c55-9d7e-5a1e2b3c4d5e";
 /// Per-boot limit (TCG boot is ~30 s; mkfs and the job add some).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The agent's, PID 1's and the probe's mount namespaces from the probe's
+/// `NAMESPACES agent=mnt:[N] pid1=mnt:[N] probe=mnt:[N]` line. Each must be
+/// a real reading: an empty one (MainPID 0, readlink failed) would differ
+/// from PID 1's and pass the sandbox check while proving nothing.
+fn parse_namespaces(line: &str) -> Result<(String, String, String)> {
+    let get = |key: &str| -> Result<String> {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .with_context(|| format!("no {key}= in the NAMESPACES line {line:?}"))?;
+        let n = v.strip_prefix("mnt:[").and_then(|r| r.strip_suffix(']'));
+        ensure!(
+            n.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+            "{key}'s mount namespace reads {v:?}, not mnt:[N]: {line:?}"
+        );
+        Ok(v.to_string())
+    };
+    Ok((get("agent")?, get("pid1")?, get("probe")?))
+}
+
 fn info(msg: &str) {
     eprintln!("    {msg}");
 }
@@ -412,10 +432,9 @@ impl VmTest {
         }
         let ns = need_marker(&c1, "NAMESPACES")?;
         info(&format!("NAMESPACES {ns}"));
-        let mut parts = ns.split_whitespace().filter_map(|w| w.split_once('=')).map(|(_, v)| v);
-        let (agent_ns, pid1_ns, probe_ns) = (parts.next(), parts.next(), parts.next());
+        let (agent_ns, pid1_ns, probe_ns) = parse_namespaces(&ns)?;
         ensure!(
-            agent_ns.is_some() && agent_ns != pid1_ns,
+            agent_ns != pid1_ns,
             "the agent shares PID 1's mount namespace ({ns}): the unit's sandboxing is not in force, so the test \
              proves nothing"
         );
@@ -885,4 +904,19 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot chmod {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn namespaces_must_be_real_readings() {
+        let (a, p, q) =
+            super::parse_namespaces("agent=mnt:[4026532301] pid1=mnt:[4026531841] probe=mnt:[4026531841]").unwrap();
+        assert_eq!((a.as_str(), p.as_str(), q.as_str()), ("mnt:[4026532301]", "mnt:[4026531841]", "mnt:[4026531841]"));
+        // MainPID 0: readlink /proc/0/ns/mnt prints nothing.
+        let e = super::parse_namespaces("agent= pid1=mnt:[4026531841] probe=mnt:[4026531841]").unwrap_err();
+        assert!(e.to_string().contains("agent's mount namespace reads \"\""), "{e}");
+        assert!(super::parse_namespaces("pid1=mnt:[1] probe=mnt:[1]").is_err(), "agent missing");
+        assert!(super::parse_namespaces("agent=mnt:[] pid1=mnt:[1] probe=mnt:[1]").is_err());
+    }
 }

@@ -300,15 +300,17 @@ mod tests {
 
     #[test]
     fn ext_superblock_matches_dumpe2fs_on_a_real_image() {
-        // mkfs.ext4 on an image file, when it is installed.
+        // mkfs.ext4 on an image file (e2fsprogs: `cargo xtask setup`
+        // installs it; a missing tool is a failure, not a skip).
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("x.img");
         std::fs::File::create(&img).unwrap().set_len(40 << 20).unwrap();
         let img = img.to_str().unwrap();
-        let Ok(o) = std::process::Command::new("mkfs.ext4").args(["-q", "-F", img]).output() else { return };
-        if !o.status.success() {
-            return;
-        }
+        let o = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", img])
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs; cargo xtask setup installs it)");
+        assert!(o.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&o.stderr));
         let d = std::process::Command::new("dumpe2fs").args(["-h", img]).output().unwrap();
         let want = parse_dumpe2fs(&String::from_utf8_lossy(&d.stdout));
         assert!(want.is_some());

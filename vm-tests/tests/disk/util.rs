@@ -9,22 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Whether the root tier should run. Without `XCP_TEST_ROOT=1` it says why
-/// and returns false (a failure in CI when not root); with it but not
-/// root, it fails.
-pub fn root_tier() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let ci = std::env::var("CI").map(|v| v == "true").unwrap_or(false);
-    if std::env::var("XCP_TEST_ROOT").as_deref() != Ok("1") {
-        if ci && !root {
-            panic!("the loop-device tier cannot run: not root, and CI=true forbids skipping it");
-        }
-        eprintln!("skipped: the loop-device tier needs root and XCP_TEST_ROOT=1 (cargo xtask test sets it)");
-        return false;
-    }
-    assert!(root, "XCP_TEST_ROOT=1 but not root: loop devices need root");
-    true
-}
+pub use vm_tests::tier::require_root;
 
 /// Run a command, panicking with its output when it fails.
 pub fn sh(prog: &str, args: &[&str]) -> String {
@@ -52,6 +37,19 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Whether a running xcp-vm-agent process has `dev` open (it opens the
+/// disk's node to take its lock).
+pub fn agent_has_open(dev: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        comm.trim() == "xcp-vm-agent"
+            && std::fs::read_dir(p.path().join("fd"))
+                .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new(dev))))
+                .unwrap_or(false)
+    })
 }
 
 /// A loop device over a sparse file, detached (with every mount of it and
