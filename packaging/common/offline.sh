@@ -75,7 +75,7 @@ root_check() {
     OS_ID=$(os_release ID)
     OS_LIKE=$(os_release ID_LIKE)
     OS_NAME=$(os_release PRETTY_NAME)
-    say "target: $R (${OS_NAME:-${OS_ID:-unknown distribution}})"
+    say "target: ${OFF_WHAT:-$R} (${OS_NAME:-${OS_ID:-unknown distribution}})"
 }
 
 # Sets INIT and INIT_WHY from the files of the target (or --init).
@@ -405,7 +405,7 @@ root_install() {
     root_service
     root_missing_tools
     rm -rf "$OFF_TMP"
-    say "done: $NAME installed into $R; it starts at the target's next boot"
+    say "done: $NAME installed into ${OFF_WHAT:-$R}; it starts at the target's next boot"
 }
 
 # uninstall.sh --root: remove what root_install put into $R (the backup of
@@ -708,6 +708,7 @@ image_install() {
     R=$OFF_WORK/root
     image_mount "$_root" "$R" "$_opts" || die "cannot mount $_root"
     say "root filesystem: $_root${_opts:+ ($_opts)}, mounted at $R"
+    OFF_WHAT="the root filesystem of $IMAGE"
     # /usr, /var (and below) on filesystems of their own, from the image's fstab.
     _fstab=$(rpath /etc/fstab)
     if [ -f "$_fstab" ]; then
