@@ -144,7 +144,9 @@ fn results_for_unknown_jobs_are_not_stored() {
     assert!(s.admin().results("made-up-0").is_null(), "a result for an unknown job was stored");
     let stored = std::fs::read_dir(s.state.join("results")).unwrap().count();
     assert_eq!(stored, 0, "files in results/");
-    assert!(s.log_text().contains("not a job of this server"));
+    // The server logs a request after answering it: wait for the line.
+    let logged = wait_for(Duration::from_secs(10), || s.log_text().contains("not a job of this server").then_some(()));
+    assert!(logged.is_some(), "{}", s.log_text());
 }
 
 fn raw_http(addr: SocketAddr, req: &str) -> (u16, Value) {
