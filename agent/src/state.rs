@@ -510,4 +510,143 @@ mod tests {
         assert_eq!(p.details["stderr"], "short");
         assert!(p.details["result_original_bytes"].as_u64().unwrap() > 1_000_000);
     }
+
+    /// A tmpfs scratch directory when there is one (fsync-heavy tests).
+    fn fast_dir() -> tempfile::TempDir {
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap()
+    }
+
+    #[test]
+    fn a_result_under_the_limit_is_spooled_whole() {
+        assert_eq!(RESULT_MAX_BYTES, 256 * 1024, "docs/protocol.md gives 256 KiB");
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let out = "x".repeat(100 * 1024);
+        let mut r = JobResult::succeeded("ok").with_details(serde_json::json!({"stdout": out}));
+        r.job_id = "mid".into();
+        s.finish(&r).unwrap();
+        assert_eq!(s.pending()[0].result.details["stdout"].as_str().unwrap().len(), 100 * 1024);
+    }
+
+    #[test]
+    fn removal_and_fsync_errors_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        // Not there: nothing to do.
+        remove_durably(&d.path().join("missing")).unwrap();
+        // A directory is not a file: a real error, not "already gone".
+        fs::create_dir(d.path().join("dir")).unwrap();
+        assert!(remove_durably(&d.path().join("dir")).is_err());
+        assert!(fsync_dir(&d.path().join("missing")).is_err());
+        fsync_dir(d.path()).unwrap();
+    }
+
+    #[test]
+    fn scripts_live_in_the_state_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(d.path()).unwrap();
+        assert_eq!(s.scripts_dir(), d.path().join("scripts"));
+        assert_eq!(s.dir(), d.path());
+    }
+
+    #[test]
+    fn an_unreadable_seen_list_is_an_error_not_an_empty_list() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("seen-jobs")).unwrap();
+        let e = State::open(d.path()).err().expect("a seen-jobs that cannot be read must fail the open");
+        assert!(format!("{e:#}").contains("seen-jobs"), "{e:#}");
+    }
+
+    #[test]
+    fn lines_loaded_from_disk_count_towards_compaction() {
+        // 1050 ids in a first run, 1000 more after a restart: the file must
+        // be compacted (2050 lines otherwise), which needs the lines already
+        // on disk counted at open.
+        let d = fast_dir();
+        let run = |s: &mut State, ids: std::ops::Range<usize>| {
+            for i in ids {
+                s.begin(&job(&format!("j{i}"))).unwrap();
+                let mut r = JobResult::succeeded("ok");
+                r.job_id = format!("j{i}");
+                s.finish(&r).unwrap();
+            }
+        };
+        run(&mut State::open(d.path()).unwrap(), 0..(SEEN_LIMIT + 50));
+        run(&mut State::open(d.path()).unwrap(), (SEEN_LIMIT + 50)..(2 * SEEN_LIMIT + 50));
+        let lines = fs::read_to_string(d.path().join("seen-jobs")).unwrap().lines().count();
+        assert!(lines <= 2 * SEEN_LIMIT, "{lines} lines: not compacted");
+    }
+
+    #[test]
+    fn seen_ids_are_appended_until_twice_the_limit() {
+        // One line per job (no rewrite of 1000 lines per job) until the
+        // file reaches 2 * SEEN_LIMIT lines, then one compaction.
+        let d = fast_dir();
+        let mut s = State::open(d.path()).unwrap();
+        let lines = || fs::read_to_string(d.path().join("seen-jobs")).unwrap().lines().count();
+        for i in 0..(2 * SEEN_LIMIT) {
+            s.begin(&job(&format!("j{i}"))).unwrap();
+            if i == SEEN_LIMIT + 49 {
+                assert_eq!(lines(), SEEN_LIMIT + 50, "appended, not compacted yet");
+            }
+        }
+        assert_eq!(lines(), 2 * SEEN_LIMIT);
+        s.begin(&job("one-more")).unwrap();
+        assert_eq!(lines(), SEEN_LIMIT, "compacted to the remembered ids");
+    }
+
+    #[test]
+    fn forget_start_drops_the_marker_and_remembers_the_id() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let j = job("half-started");
+        write_atomic(&s.marker_path(&j.id), b"{}").unwrap();
+        s.forget_start(&j);
+        assert!(s.is_seen("half-started"));
+        assert!(!s.marker_path(&j.id).exists(), "the marker must go");
+        assert_eq!(s.recover_interrupted().unwrap(), 0);
+    }
+
+    #[test]
+    fn only_json_markers_are_recovered() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        fs::write(d.path().join("running/notes.txt"), "x").unwrap();
+        fs::write(d.path().join("running/.a.json"), "{}").unwrap();
+        assert_eq!(s.recover_interrupted().unwrap(), 0);
+        assert!(s.pending().is_empty());
+    }
+
+    #[test]
+    fn replace_rewrites_the_spooled_result() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let mut r = JobResult::succeeded("first");
+        r.job_id = "r1".into();
+        s.finish(&r).unwrap();
+        let sp = s.pending().remove(0);
+        let mut r2 = JobResult::failed("second");
+        r2.job_id = "r1".into();
+        s.replace(&sp, &r2).unwrap();
+        let p = s.pending();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].result.message, "second");
+    }
+
+    #[test]
+    fn a_spooled_result_wins_over_an_unreadable_marker() {
+        // A long id gets a hashed file name; when its marker cannot be read
+        // the id is unknown, so the marker's file name must find the result.
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let id = "x".repeat(150);
+        let mut r = JobResult::succeeded("done");
+        r.job_id = id.clone();
+        s.finish(&r).unwrap();
+        fs::write(s.marker_path(&id), b"not json").unwrap();
+        assert_eq!(s.recover_interrupted().unwrap(), 0);
+        let p = s.pending();
+        assert_eq!((p.len(), p[0].result.message.as_str()), (1, "done"));
+        assert!(!s.marker_path(&id).exists());
+    }
 }
