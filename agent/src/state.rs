@@ -649,4 +649,32 @@ mod tests {
         assert_eq!((p.len(), p[0].result.message.as_str()), (1, "done"));
         assert!(!s.marker_path(&id).exists());
     }
+
+    #[test]
+    fn pending_count_counts_spooled_results_only() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        assert_eq!(s.pending_count(), 0);
+        for id in ["a", "b"] {
+            let mut r = JobResult::succeeded("ok");
+            r.job_id = id.into();
+            s.finish(&r).unwrap();
+        }
+        // A temp file of write_atomic and a stray file are not results.
+        fs::write(d.path().join("spool/.c.json"), "{}").unwrap();
+        fs::write(d.path().join("spool/notes.txt"), "x").unwrap();
+        assert_eq!(s.pending_count(), 2);
+        assert_eq!(s.pending().len(), 2);
+    }
+
+    #[test]
+    fn acknowledge_reports_a_removal_that_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        let gone = Spooled { path: d.path().join("spool/gone.json"), result: JobResult::succeeded("x") };
+        s.acknowledge(&[&gone]).unwrap();
+        fs::create_dir(d.path().join("spool/dir.json")).unwrap();
+        let dir = Spooled { path: d.path().join("spool/dir.json"), result: JobResult::succeeded("x") };
+        assert!(s.acknowledge(&[&dir]).is_err());
+    }
 }
