@@ -316,4 +316,66 @@ mod tests {
         std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
         check_key_permissions(&k).unwrap();
     }
+
+    #[test]
+    fn json_errors_say_what_is_wrong_once_with_the_position() {
+        let e = p("{\n  \"server_url\": ,\n}").unwrap_err().to_string();
+        // serde's own text, without its trailing " at line L column C",
+        // which the message already gives once.
+        assert!(e.contains(": expected value"), "{e}");
+        assert_eq!(e.matches(" at line ").count(), 1, "{e}");
+        assert_eq!(strip_position("no position here"), "no position here");
+    }
+
+    #[test]
+    fn an_empty_server_url_is_no_server_url() {
+        for empty in [r#""""#, r#""  ""#, r#""/""#] {
+            let c = p(&format!(r#"{{"server_url": {empty}}}"#)).unwrap();
+            assert_eq!(c.server_url, None, "{empty}");
+        }
+    }
+
+    #[test]
+    fn optional_settings_empty_given_and_bounded() {
+        // status_listen: empty is off, an address is parsed, junk refused.
+        assert_eq!(p(r#"{"status_listen": ""}"#).unwrap().status_listen, None);
+        assert_eq!(
+            p(r#"{"status_listen": "127.0.0.1:9100"}"#).unwrap().status_listen,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        assert!(p(r#"{"status_listen": "nowhere"}"#).is_err());
+        // long_poll_seconds: 600 is the largest allowed.
+        assert_eq!(p(r#"{"long_poll_seconds": 600}"#).unwrap().long_poll_seconds, 600);
+        assert!(p(r#"{"long_poll_seconds": 601}"#).is_err());
+        assert_eq!(p("{}").unwrap().long_poll_seconds, 55);
+        // log_file: empty means no file, a path is kept, absent is the default.
+        assert_eq!(p(r#"{"log_file": ""}"#).unwrap().log_file, None);
+        assert_eq!(p(r#"{"log_file": "/tmp/a.log"}"#).unwrap().log_file, Some("/tmp/a.log".into()));
+        assert_eq!(p("{}").unwrap().log_file, Some("/var/log/xcp-vm-agent/agent.log".into()));
+        // log_level: "warning" is spelt "warn", others kept (lower case).
+        assert_eq!(p(r#"{"log_level": "warning"}"#).unwrap().log_level, "warn");
+        assert_eq!(p(r#"{"log_level": "DEBUG"}"#).unwrap().log_level, "debug");
+    }
+
+    #[test]
+    fn check_files_names_what_is_missing_or_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (crt, key, ca) = (d.path().join("a.crt"), d.path().join("a.key"), d.path().join("ca.crt"));
+        let cfg = |crt: &Path, key: &Path, ca: &Path| {
+            let j = serde_json::json!({"server_url": "https://x", "client_cert": [crt, key], "server_cert": ca});
+            p(&j.to_string()).unwrap()
+        };
+        let e = check_files(&cfg(&crt, &key, &ca)).unwrap_err().to_string();
+        assert!(e.contains("client certificate") && e.contains("a.crt"), "{e}");
+        std::fs::write(&crt, "c").unwrap();
+        std::fs::write(&key, "k").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(check_files(&cfg(&crt, &key, &ca)).unwrap_err().to_string().contains("chmod 600"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = check_files(&cfg(&crt, &key, &ca)).unwrap_err().to_string();
+        assert!(e.contains("server_cert") && e.contains("ca.crt"), "{e}");
+        std::fs::write(&ca, "ca").unwrap();
+        check_files(&cfg(&crt, &key, &ca)).unwrap();
+    }
 }
