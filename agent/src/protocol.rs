@@ -66,3 +66,12 @@ pub struct ResultsAck {
 pub struct ErrorBody {
     pub error: String,
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn body_cap_is_4_mib_as_documented() {
+        // docs/protocol.md: MAX_BODY_BYTES = 4 MiB, both ways.
+        assert_eq!(super::MAX_BODY_BYTES, 4 * 1024 * 1024);
+    }
+}
