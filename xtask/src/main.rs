@@ -7,6 +7,7 @@ mod bench;
 mod bench_disk;
 mod catalogue;
 mod clidef;
+mod cloudimg;
 mod demo;
 mod dist;
 mod fuzz;
@@ -46,6 +47,8 @@ Tasks:
            visible outside the service and survives a reboot (root; not part of test)
   catalogue  the cloud-image catalogue ci/distros.toml: --check, --json (the CI
            matrix), --fetch NAME (download and verify into target/vm-images)
+  vm-cloud the cloud path (own bootloader, NoCloud seed, package disk) on the
+           offline debian-12-genericcloud image
   help     this text; `cargo xtask TASK --help` for a task's options
 ";
 
@@ -65,6 +68,7 @@ fn main() {
         "vm-test" => vmtest::run(rest),
         "catalogue" => catalogue::run(rest),
         "offline-test" => offlinetest::run(rest),
+        "vm-cloud" => cloudimg::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
