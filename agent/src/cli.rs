@@ -325,6 +325,8 @@ fn dispatch(cli: Args) -> Result<i32> {
             };
             let r = crate::daemon::exec_job(&cfg, &text, &job.display().to_string(), dry_run, fstab.as_deref());
             println!("{}", serde_json::to_string_pretty(&r)?);
+            // Reboot/Shutdown: the result is out, now act (once).
+            crate::guest::power::after_delivery(&cfg.state_dir, 0, std::thread::sleep);
             Ok(r.status.exit_code())
         }
         "check-config" => {

@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(c.server_url.as_deref(), Some("https://mgmt.example:8443"));
         assert_eq!(c.check_in_interval.as_secs(), 60);
         assert_eq!(c.client_cert.unwrap().1, PathBuf::from("/etc/xcp-vm-agent/agent.key"));
-        assert_eq!(c.allowed_operations.len(), 3);
+        assert_eq!(c.allowed_operations.len(), crate::jobs::OPERATIONS.len());
         assert!(c.warnings.is_empty());
     }
 

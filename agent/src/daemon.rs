@@ -231,6 +231,9 @@ impl Agent {
                 Err(e) => return Err(e),
             }
         }
+        if crate::guest::freeze::blocks(&self.cfg.state_dir) {
+            return Ok(delivered); // acknowledging would write to a frozen state dir
+        }
         let pending = self.state.pending();
         let mut i = 0;
         while i < pending.len() && requests < max_requests {
@@ -370,6 +373,11 @@ impl Agent {
     /// Spool a final result; when the spool cannot take it, keep it in
     /// memory for delivery.
     fn record_finish(&mut self, r: JobResult) {
+        if crate::guest::freeze::blocks(&self.cfg.state_dir) {
+            crate::guest::freeze::defer(&r);
+            self.unspooled.push(r);
+            return;
+        }
         if let Err(e) = self.state.finish(&r) {
             tracing::error!(job = %r.job_id, "cannot spool the result, delivering it from memory: {e:#}");
             self.unspooled.push(r.bounded(crate::state::RESULT_MAX_BYTES));
@@ -413,7 +421,7 @@ impl Agent {
             tracing::error!("server sent a job with an empty or over-long id, ignored");
             return Ok(());
         }
-        if self.state.is_seen(&job.id) {
+        if self.state.is_seen(&job.id) || self.unspooled.iter().any(|r| r.job_id == job.id) {
             tracing::info!(job = %job.id, "job delivered again; it already ran here, not running it twice");
             return Ok(());
         }
@@ -433,13 +441,19 @@ impl Agent {
         }
         let shared = self.shared.clone();
         let _guard = NotBusy(&shared);
+        let mut ctx = JobContext::new(self.cfg.state_dir.clone(), self.cfg.fstab_path.clone(), false);
+        ctx.cancel = self.shared.cancel.clone();
+        if crate::guest::freeze::blocks(&self.cfg.state_dir) {
+            // Nothing may be written to a frozen state directory.
+            let r = crate::guest::freeze::run_while_frozen(&ctx, &job, &self.cfg.allowed_operations);
+            self.unspooled.push(r);
+            return Ok(());
+        }
         if !self.record_start(&job) {
             return Ok(());
         }
         tracing::info!(job = %job.id, operation = %job.operation, "job started");
         self.report_running(&job);
-        let mut ctx = JobContext::new(self.cfg.state_dir.clone(), self.cfg.fstab_path.clone(), false);
-        ctx.cancel = self.shared.cancel.clone();
         let r = jobs::execute(&ctx, &job, &self.cfg.allowed_operations);
         tracing::info!(job = %job.id, status = r.status.as_str(), "job finished: {}", r.message);
         self.record_finish(r);
@@ -466,6 +480,7 @@ impl Agent {
                 Err(e) => tracing::error!("cannot turn the running markers of an earlier run into results yet: {e:#}"),
             }
         }
+        crate::guest::freeze::settle(&mut self.state, &mut self.unspooled)?;
         let mut delivery: Result<usize> = Ok(0);
         if self.state.pending_count() > 0 || !self.unspooled.is_empty() {
             delivery = self.deliver_results(REQUESTS_BEFORE_CHECKIN);
@@ -473,6 +488,7 @@ impl Agent {
                 self.delivery_failed(e);
             }
         }
+        self.power_after_delivery();
         let msg = self.checkin_message(wait_seconds);
         let jobs = self.client.checkin(&msg)?;
         self.mark_success();
@@ -490,10 +506,22 @@ impl Agent {
                 Ok(_) => self.delivery_error = None,
                 Err(e) => self.delivery_failed(&e),
             }
+            self.power_after_delivery();
         } else if delivery.is_ok() {
             self.delivery_error = None;
         }
         Ok(n)
+    }
+
+    /// A Reboot/Shutdown asked for is acted on once every result is
+    /// delivered (`guest::power`).
+    fn power_after_delivery(&mut self) {
+        if crate::guest::freeze::blocks(&self.cfg.state_dir) {
+            return;
+        }
+        let left = self.state.pending_count() + self.unspooled.len();
+        let shared = self.shared.clone();
+        crate::guest::power::after_delivery(&self.cfg.state_dir, left, |d| shared.sleep_unless_shutdown(d));
     }
 
     fn mark_success(&self) {
@@ -660,6 +688,8 @@ pub fn run(config_path: &std::path::Path, mut cfg: Config) -> Result<()> {
         "xcp-vm-agent {} started",
         crate::VERSION
     );
+    // A freeze whose guard was killed is thawed now.
+    let _ = crate::guest::freeze::in_force();
     shared.sleep(first_checkin_delay(agent.cfg.check_in_interval, &mut rng));
     let mut backoff = Backoff::agent_default();
     let mut reachable: Option<bool> = None;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod disk;
 pub mod failpoint;
+pub mod guest;
 pub mod http;
 pub mod identity;
 pub mod jobs;

@@ -77,7 +77,8 @@ impl Subscriber for LineLogger {
         e.record(&mut Fields { message: &mut message, rest: &mut rest });
         let line = format!("{} {:>5} {message}{rest}\n", rfc3339(crate::jobs::now_unix()), e.metadata().level());
         let _ = std::io::stderr().write_all(line.as_bytes());
-        if let Some(f) = &self.file {
+        // Not while a freeze is in force: the log file may be on it.
+        if let Some(f) = self.file.as_ref().filter(|_| !crate::guest::freeze::log_suspended()) {
             if let Ok(mut f) = f.lock() {
                 let _ = f.write_all(line.as_bytes());
             }

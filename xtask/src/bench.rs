@@ -17,6 +17,9 @@ Builds the static release binary and measures, against mgmt-server on loopback:
   idle_rss_kib             resident memory of the idle daemon after 10 check-ins
   cpu_ms_per_idle_checkin  CPU time (all threads, from schedstat) per idle check-in
   pickup_latency_ms_p50/99 job queued -> job running, over N jobs (default 50), long-poll
+  qemu_ga_idle_rss_kib     the same for Debian's qemu-ga on a unix socket
+  freeze_thaw_ms, qemu_ga_freeze_thaw_ms (as root: FreezeFilesystems+ThawFilesystems
+                           vs guest-fsfreeze-freeze-list+thaw on the same loop mount)
   extend_overhead_ratio, initialize_overhead_ratio (as root: disk jobs on a 1 GiB
                            loop device / the same tool commands run by hand)
 Prints them and writes target/bench/results.json.";
@@ -33,7 +36,7 @@ fn cpu_ns(pid: u32) -> u64 {
     total
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -126,6 +129,8 @@ pub fn run(args: &[String]) -> Result<()> {
     results.insert("idle_rss_kib".into(), json!(rss));
     results.insert("cpu_ms_per_idle_checkin".into(), json!((cpu_ms * 1000.0).round() / 1000.0));
     eprintln!("    idle RSS {rss} KiB, {cpu_ms:.3} ms CPU per check-in over {} check-ins", n1 - n0);
+    step("bench: qemu-ga side by side (idle RSS; as root, freeze-to-thaw on one loop-mounted ext4)");
+    crate::bench_guest::measure(&bin, &tmp.join("guest"), &mut results)?;
 
     step(&format!("bench: job pickup latency over {njobs} jobs (long-poll 55 s)"));
     let lp_dir = tmp.join("longpoll");

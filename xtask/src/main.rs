@@ -5,6 +5,7 @@ mod apk;
 mod apkcheck;
 mod bench;
 mod bench_disk;
+mod bench_guest;
 mod catalogue;
 mod clidef;
 mod cloudimg;

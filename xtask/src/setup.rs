@@ -34,6 +34,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     // attach qcow2 images where there is no nbd module.
     ("insserv", "insserv"),
     ("qemu-storage-daemon", "qemu-utils"),
+    // qemu-ga, the peer measured side by side in `cargo xtask bench`.
+    ("qemu-ga", "qemu-guest-agent"),
 ];
 
 /// The workflow-schema checker, pinned.

@@ -94,6 +94,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "xen",
             "--test",
             "agent_jobs",
+            "--test",
+            "guest",
             "--",
             "--ignored",
             "--test-threads=1",

@@ -44,6 +44,7 @@ pub fn inventory() -> Result<Value> {
         Vec::new()
     });
     attach_vbds(&mut inv, &vbds);
+    inv["filesystems"] = crate::guest::fsreport::report();
     Ok(inv)
 }
 

@@ -13,7 +13,16 @@ use std::path::PathBuf;
 use crate::runner::Runner;
 
 /// Every operation this agent can run, in the names the protocol uses.
-pub const OPERATIONS: &[&str] = &["RunScript", "ExtendPartition", "InitializeDisk"];
+pub const OPERATIONS: &[&str] = &[
+    "RunScript",
+    "ExtendPartition",
+    "InitializeDisk",
+    "FreezeFilesystems",
+    "ThawFilesystems",
+    "TrimFilesystems",
+    "Reboot",
+    "Shutdown",
+];
 
 /// A job as the server sends it, and as a job file for `exec --job` holds it.
 /// Unknown fields are ignored, so a later protocol version can add fields to
@@ -235,6 +244,11 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
             "RunScript" => run_script::run(ctx, &job.params),
             "ExtendPartition" => crate::disk::extend::run(ctx, &job.params),
             "InitializeDisk" => crate::disk::initialize::run(ctx, &job.params),
+            "FreezeFilesystems" => crate::guest::freeze::run(ctx, &job.params),
+            "ThawFilesystems" => crate::guest::freeze::thaw(ctx, &job.params),
+            "TrimFilesystems" => crate::guest::fsreport::trim(ctx, &job.params),
+            "Reboot" => crate::guest::power::run(ctx, &job.params, "reboot"),
+            "Shutdown" => crate::guest::power::run(ctx, &job.params, "poweroff"),
             _ => unreachable!(),
         }
     };
