@@ -9,6 +9,10 @@ pub mod config;
 pub mod daemon;
 pub mod disk;
 pub mod failpoint;
+#[cfg(feature = "guest")]
+pub mod guest;
+#[cfg(not(feature = "guest"))]
+#[path = "guest/stub.rs"]
 pub mod guest;
 pub mod http;
 pub mod identity;

@@ -75,7 +75,15 @@ pub fn agent_bin() -> PathBuf {
             let release = profile_dir().file_name().map(|n| n == "release").unwrap_or(false);
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.current_dir(&root).args(["build", "-p", "xcp-vm-agent", "--bin", "xcp-vm-agent"]);
+            cmd.current_dir(&root).args([
+                "build",
+                "-p",
+                "xcp-vm-agent",
+                "--bin",
+                "xcp-vm-agent",
+                "--features",
+                "guest",
+            ]);
             if release {
                 cmd.arg("--release");
             }

@@ -130,7 +130,7 @@ pub fn run(args: &[String]) -> Result<()> {
     results.insert("cpu_ms_per_idle_checkin".into(), json!((cpu_ms * 1000.0).round() / 1000.0));
     eprintln!("    idle RSS {rss} KiB, {cpu_ms:.3} ms CPU per check-in over {} check-ins", n1 - n0);
     step("bench: qemu-ga side by side (idle RSS; as root, freeze-to-thaw on one loop-mounted ext4)");
-    crate::bench_guest::measure(&bin, &tmp.join("guest"), &mut results)?;
+    crate::bench_guest::measure(&tmp.join("guest"), &mut results)?;
 
     step(&format!("bench: job pickup latency over {njobs} jobs (long-poll 55 s)"));
     let lp_dir = tmp.join("longpoll");

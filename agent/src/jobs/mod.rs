@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use crate::runner::Runner;
 
 /// Every operation this agent can run, in the names the protocol uses.
+#[cfg(feature = "guest")]
 pub const OPERATIONS: &[&str] = &[
     "RunScript",
     "ExtendPartition",
@@ -23,6 +24,9 @@ pub const OPERATIONS: &[&str] = &[
     "Reboot",
     "Shutdown",
 ];
+/// Every operation this agent can run (built without the `guest` feature).
+#[cfg(not(feature = "guest"))]
+pub const OPERATIONS: &[&str] = &["RunScript", "ExtendPartition", "InitializeDisk"];
 
 /// A job as the server sends it, and as a job file for `exec --job` holds it.
 /// Unknown fields are ignored, so a later protocol version can add fields to
@@ -244,10 +248,15 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
             "RunScript" => run_script::run(ctx, &job.params),
             "ExtendPartition" => crate::disk::extend::run(ctx, &job.params),
             "InitializeDisk" => crate::disk::initialize::run(ctx, &job.params),
+            #[cfg(feature = "guest")]
             "FreezeFilesystems" => crate::guest::freeze::run(ctx, &job.params),
+            #[cfg(feature = "guest")]
             "ThawFilesystems" => crate::guest::freeze::thaw(ctx, &job.params),
+            #[cfg(feature = "guest")]
             "TrimFilesystems" => crate::guest::fsreport::trim(ctx, &job.params),
+            #[cfg(feature = "guest")]
             "Reboot" => crate::guest::power::run(ctx, &job.params, "reboot"),
+            #[cfg(feature = "guest")]
             "Shutdown" => crate::guest::power::run(ctx, &job.params, "poweroff"),
             _ => unreachable!(),
         }

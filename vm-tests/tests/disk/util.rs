@@ -183,7 +183,7 @@ pub fn agent_bin() -> &'static PathBuf {
         let td = workspace().join("target/failpoints");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
-            .args(["build", "-q", "-p", "xcp-vm-agent", "--features", "failpoints", "--target-dir"])
+            .args(["build", "-q", "-p", "xcp-vm-agent", "--features", "failpoints,guest", "--target-dir"])
             .arg(&td)
             .current_dir(workspace())
             .status()
