@@ -218,4 +218,17 @@ mod tests {
         assert_eq!(disk_by_serial(&s, "DATA1").unwrap().name, "vdc");
         assert!(disk_by_serial(&s, "NOPE").is_err());
     }
+
+    #[test]
+    fn disk_and_number_only_for_a_disk_with_a_number() {
+        let t = tempfile::tempdir().unwrap();
+        fake::disk(t.path(), "vda", "253:0", 1 << 21, 512);
+        fake::part(t.path(), "vda", "vda1", "253:1", 1, 2048, 1000);
+        std::fs::write(t.path().join("sys/devices/virtual/block/vda/serial"), "DATA1\n").unwrap();
+        let s = Sys::new(t.path().join("sys"), t.path().join("dev"));
+        let got = |tg: Target| disk_and_number(&s, &tg).unwrap().map(|(b, n)| (b.name, n));
+        assert_eq!(got(Target::Serial("DATA1".into(), Some(1))), Some(("vda".into(), 1)));
+        assert_eq!(got(Target::Serial("DATA1".into(), None)), None);
+        assert_eq!(got(Target::MountPoint("/".into())), None);
+    }
 }
