@@ -20,7 +20,7 @@ mod repotest;
 mod setup;
 mod test;
 mod util;
-mod vmtest;
+mod vm;
 
 use anyhow::Result;
 
@@ -44,8 +44,8 @@ Tasks:
   setup    install the system packages and Rust targets the tasks need
   offline-test  install.sh --root / --image and uninstall.sh --root into Debian trees
            and disk images, links compared with systemctl, update-rc.d, rc-update (root)
-  vm-test  boot a Debian VM (QEMU) with the packaged agent: InitializeDisk's mount is
-           visible outside the service and survives a reboot (root; not part of test)
+  vm-test  the VM matrix: every scenario on five booted Debian images (QEMU) with the
+           packaged agent; report in target/vm-report (root; part of test)
   catalogue  the cloud-image catalogue ci/distros.toml: --check, --json (the CI
            matrix), --fetch NAME (download and verify into target/vm-images)
   vm-cloud the cloud path (own bootloader, NoCloud seed, package disk) on the
@@ -66,7 +66,7 @@ fn main() {
         "repo" => repo::run(rest),
         "bench" => bench::run(rest),
         "mutants" => mutants::run(rest),
-        "vm-test" => vmtest::run(rest),
+        "vm-test" => vm::run(rest),
         "catalogue" => catalogue::run(rest),
         "offline-test" => offlinetest::run(rest),
         "vm-cloud" => cloudimg::run(rest),

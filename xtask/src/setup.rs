@@ -36,6 +36,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("qemu-storage-daemon", "qemu-utils"),
     // qemu-ga, the peer measured side by side in `cargo xtask bench`.
     ("qemu-ga", "qemu-guest-agent"),
+    // The VM matrix report page is checked in a real headless browser.
+    ("chromium", "chromium"),
+    // The VM matrix forwards each guest connection to mgmt-server (QEMU guestfwd cmd:).
+    ("socat", "socat"),
 ];
 
 /// The workflow-schema checker, pinned.

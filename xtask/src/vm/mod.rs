@@ -1,0 +1,489 @@
+//! `cargo xtask vm-test`: the VM matrix. Every scenario ([`scenario`]) on
+//! every image ([`image`]), each image booted with QEMU ([`qemu`], TCG by
+//! default) against one `mgmt-server` on this machine's loopback; the
+//! results go to `target/vm-report/` ([`report`]).
+//!
+//! Flow: the real .deb (`cargo xtask dist`) and a newer build of it, a test
+//! PKI whose server certificate names `mgmt.test`, mgmt-server on free
+//! loopback ports, a small read-only `FILES` disk carrying packages,
+//! certificates and the agent config; then images in parallel (as many as
+//! `--jobs`, default 2 for 2 cores), each: build or take the cached disk,
+//! run its chains of scenarios, print one progress line per scenario.
+pub mod image;
+pub mod qemu;
+pub mod report;
+pub mod scenario;
+
+use crate::util::{self, cargo, have, is_root, root, step};
+use anyhow::{bail, ensure, Context, Result};
+use report::Row;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The name the guest uses for the management server (in the server cert).
+pub const SERVER_NAME: &str = "mgmt.test";
+
+const HELP: &str = "\
+cargo xtask vm-test [--image NAME]... [--scenario NAME]... [--list] [--offline]
+                    [--keep] [--jobs N] [--accel tcg|kvm] [--deb PATH]
+
+The VM matrix: boots Debian images (QEMU, software emulation by default) with
+the real .deb and runs every scenario on every image against mgmt-server on
+this machine's loopback. Writes target/vm-report/report.json, report.md and
+report.html (the image x scenario grid, each cell linking to its console log),
+checks the page in headless chromium when it is installed (screenshot
+target/vm-report/report.png). One progress line per scenario as it ends.
+Fails when any cell is red.
+
+Images are built with mmdebstrap and cached under target/vm/ by a hash of
+their recipe (first build: 2-4 minutes per image). Needs root.
+
+Options:
+  --image NAME     only this image (repeatable); see --list
+  --scenario NAME  only this scenario and those it builds on (repeatable)
+  --list           print the images and scenarios and exit
+  --offline        the images built here (the default, and all there is today)
+  --keep           keep the run directories under target/vm/run
+  --jobs N         images booted at once (default 2)
+  --accel A        QEMU accelerator (default tcg: this machine's KVM does not boot guests)
+  --deb PATH       install this .deb instead of building one with `cargo xtask dist`
+  -h, --help       this text
+Environment: XCP_VM_SLOW=N multiplies every scenario deadline by N.
+";
+
+/// What every image run shares: the server, the packages, the FILES disk.
+pub struct Env {
+    pub accel: String,
+    pub server_port: u16,
+    pub admin: String,
+    pub files_disk: PathBuf,
+    pub deb_name: String,
+    pub next_deb_name: String,
+    pub version: String,
+    pub next_version: String,
+    pub slow_factor: u32,
+    pub run_dir: PathBuf,
+}
+
+pub struct Opts {
+    pub images: Vec<String>,
+    pub scenarios: Vec<String>,
+    pub keep: bool,
+    pub jobs: usize,
+    pub accel: String,
+    pub deb: Option<PathBuf>,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut o = Opts { images: vec![], scenarios: vec![], keep: false, jobs: 2, accel: "tcg".into(), deb: None };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                return Ok(());
+            }
+            "--list" => {
+                list();
+                return Ok(());
+            }
+            "--offline" => {}
+            "--keep" => o.keep = true,
+            "--image" => o.images.push(it.next().context("--image needs a name")?.clone()),
+            "--scenario" => o.scenarios.push(it.next().context("--scenario needs a name")?.clone()),
+            "--jobs" => o.jobs = it.next().context("--jobs needs a number")?.parse().context("--jobs")?,
+            "--accel" => o.accel = it.next().context("--accel needs a value")?.clone(),
+            "--deb" => o.deb = Some(PathBuf::from(it.next().context("--deb needs a value")?)),
+            other => bail!("unknown option {other:?}\n\n{HELP}"),
+        }
+    }
+    run_matrix(&o)
+}
+
+fn list() {
+    println!("images (name, suite, init, root layout):");
+    for i in image::IMAGES {
+        println!("  {:<20} {:<9} {:<9} {}", i.name, i.suite, i.init.name(), i.layout.describe());
+    }
+    println!("scenarios (name, chain, builds on):");
+    for s in scenario::SCENARIOS {
+        println!("  {:<24} {:<9} {}", s.name, s.chain, s.needs.join(", "));
+    }
+}
+
+/// The scenarios to run: those asked for and what they build on, in table order.
+fn selected_scenarios(names: &[String]) -> Result<Vec<&'static scenario::Scenario>> {
+    scenario::check_names(names)?;
+    if names.is_empty() {
+        return Ok(scenario::SCENARIOS.iter().collect());
+    }
+    let mut want: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut i = 0;
+    while i < want.len() {
+        for n in scenario::by_name(want[i]).map(|s| s.needs).unwrap_or(&[]) {
+            if !want.contains(n) {
+                want.push(n);
+            }
+        }
+        i += 1;
+    }
+    Ok(scenario::SCENARIOS.iter().filter(|s| want.contains(&s.name)).collect())
+}
+
+pub fn run_matrix(o: &Opts) -> Result<()> {
+    let t0 = Instant::now();
+    let imgs: Vec<&'static image::Image> = if o.images.is_empty() {
+        image::IMAGES.iter().collect()
+    } else {
+        o.images.iter().map(|n| image::by_name(n)).collect::<Result<_>>()?
+    };
+    let scens = selected_scenarios(&o.scenarios)?;
+    if !is_root() {
+        bail!("cargo xtask vm-test needs root (mmdebstrap, loop devices, chroot)");
+    }
+    ensure_tools()?;
+    let run_dir = root().join("target/vm/run");
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot remove {}", run_dir.display()))?;
+    }
+    std::fs::create_dir_all(&run_dir)?;
+
+    let version = crate::dist::workspace_version()?;
+    let next_version = next_version(&version);
+    let (deb, next_deb) = packages(o, &version, &next_version)?;
+    step("vm: building mgmt-server");
+    util::run(cargo().args(["build", "-q", "-p", "vm-tests", "--bin", "mgmt-server"]))?;
+    let server_bin = target_dir().join("debug/mgmt-server");
+    let pki = run_dir.join("pki");
+    util::run(Command::new(&server_bin).arg("init-pki").arg(&pki).args(["--san", SERVER_NAME]).stdout(Stdio::null()))?;
+    let mut server = start_server(&server_bin, &pki, &run_dir)?;
+    let files_disk = files_disk(&run_dir, &pki, &deb, &next_deb)?;
+    let slow_factor = std::env::var("XCP_VM_SLOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1u32).max(1);
+    let env = Arc::new(Env {
+        accel: o.accel.clone(),
+        server_port: server.1,
+        admin: server.2.clone(),
+        files_disk,
+        deb_name: deb.file_name().unwrap().to_string_lossy().into_owned(),
+        next_deb_name: next_deb.file_name().unwrap().to_string_lossy().into_owned(),
+        version,
+        next_version,
+        slow_factor,
+        run_dir: run_dir.clone(),
+    });
+
+    step(&format!("vm: {} image(s) x {} scenario(s), {} at a time", imgs.len(), scens.len(), o.jobs.max(1)));
+    let queue = Arc::new(Mutex::new(imgs.clone()));
+    let results: Arc<Mutex<Vec<report::ImageResult>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..o.jobs.max(1) {
+        let (queue, results, env, scens) = (queue.clone(), results.clone(), env.clone(), scens.clone());
+        workers.push(std::thread::spawn(move || loop {
+            let next = queue.lock().unwrap().pop_front_compat();
+            let Some(img) = next else { break };
+            let r = run_image(img, &env, &scens);
+            results.lock().unwrap().push(r);
+        }));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    let mut results = std::mem::take(&mut *results.lock().unwrap());
+    results.sort_by_key(|r| imgs.iter().position(|i| i.name == r.image.name));
+    let total = t0.elapsed().as_secs_f64();
+    let out = report::write(&results, &scens, total)?;
+    if !o.keep && results.iter().all(|r| r.rows.iter().all(|x| x.status == "pass")) {
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+    let rows: Vec<&Row> = results.iter().flat_map(|r| r.rows.iter()).collect();
+    let passed = rows.iter().filter(|r| r.status == "pass").count();
+    let expected = imgs.len() * scens.len();
+    step(&format!(
+        "vm: {passed}/{expected} cells green in {:.0} s; report {}",
+        total,
+        out.join("report.html").display()
+    ));
+    report::check_in_browser(&out, &results)?;
+    ensure!(rows.len() == expected, "{} cells missing from the report", expected - rows.len());
+    if passed != expected {
+        for r in rows.iter().filter(|r| r.status != "pass") {
+            eprintln!("    RED {} / {}: {} (step: {})", r.image, r.scenario, r.message, r.step);
+        }
+        bail!("{} of {expected} cells are red (report: {})", expected - passed, out.join("report.md").display());
+    }
+    Ok(())
+}
+
+trait PopFront<T> {
+    fn pop_front_compat(&mut self) -> Option<T>;
+}
+
+impl<T> PopFront<T> for Vec<T> {
+    fn pop_front_compat(&mut self) -> Option<T> {
+        (!self.is_empty()).then(|| self.remove(0))
+    }
+}
+
+/// Build the image, run its chains; rows for every selected scenario.
+fn run_image(img: &'static image::Image, env: &Env, scens: &[&'static scenario::Scenario]) -> report::ImageResult {
+    let t = Instant::now();
+    let mut res = report::ImageResult { image: img, versions: vec![], build_seconds: 0.0, seconds: 0.0, rows: vec![] };
+    let built = match image::build(img) {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = format!("image build failed: {e:#}");
+            eprintln!("    vm: {:<20} image build FAILED: {e:#}", img.name);
+            for s in scens {
+                res.rows.push(Row::new(img, s.name, false, 0.0, &msg, "image build", None, String::new()));
+            }
+            return res;
+        }
+    };
+    res.build_seconds = t.elapsed().as_secs_f64();
+    res.versions = built.versions.clone();
+    eprintln!("    vm: {:<20} image ready in {:.0} s", img.name, res.build_seconds);
+    let mut passed: Vec<&str> = Vec::new();
+    let mut chains: Vec<&str> = Vec::new();
+    for s in scens {
+        if !chains.contains(&s.chain) {
+            chains.push(s.chain);
+        }
+    }
+    for chain in chains {
+        let dir = env.run_dir.join(img.name).join(chain);
+        let mut ctx = match scenario::Ctx::new(img, &built, env, dir, chain) {
+            Ok(c) => c,
+            Err(e) => {
+                for s in scens.iter().filter(|s| s.chain == chain) {
+                    let m = format!("cannot set up the chain: {e:#}");
+                    res.rows.push(Row::new(img, s.name, false, 0.0, &m, "setup", None, String::new()));
+                }
+                continue;
+            }
+        };
+        for s in scens.iter().filter(|s| s.chain == chain) {
+            let missing: Vec<&str> = s.needs.iter().filter(|n| !passed.contains(n)).copied().collect();
+            let row = if !missing.is_empty() {
+                let m = format!("not run: it builds on {} which did not pass", missing.join(", "));
+                Row::new(img, s.name, false, 0.0, &m, "needs", None, String::new())
+            } else {
+                let out = ctx.run(s);
+                if out.pass {
+                    passed.push(s.name);
+                }
+                Row::new(img, s.name, out.pass, out.seconds, &out.message, &out.step, out.console, out.console_tail)
+            };
+            eprintln!(
+                "    vm: {:<20} {:<24} {} {:>5.0} s  {}",
+                img.name,
+                s.name,
+                if row.status == "pass" { "pass" } else { "FAIL" },
+                row.seconds,
+                one_line(&row.message, 110)
+            );
+            res.rows.push(row);
+        }
+        if let Some(mut vm) = ctx.vm.take() {
+            vm.kill();
+        }
+    }
+    res.seconds = t.elapsed().as_secs_f64();
+    eprintln!(
+        "    vm: {:<20} done in {:.0} s: {}/{} green",
+        img.name,
+        res.seconds,
+        res.rows.iter().filter(|r| r.status == "pass").count(),
+        res.rows.len()
+    );
+    res
+}
+
+fn one_line(s: &str, n: usize) -> String {
+    let l = s.lines().next().unwrap_or("");
+    if l.chars().count() > n {
+        format!("{}...", l.chars().take(n).collect::<String>())
+    } else {
+        l.to_string()
+    }
+}
+
+fn next_version(v: &str) -> String {
+    let mut parts: Vec<u64> = v.split('.').filter_map(|p| p.parse().ok()).collect();
+    if let Some(last) = parts.last_mut() {
+        *last += 1;
+    }
+    parts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(".")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// The .deb of this tree and a newer build of it (version N+1, the same
+/// code with the version it reports changed: see [`newer_binary`]).
+fn packages(o: &Opts, version: &str, next: &str) -> Result<(PathBuf, PathBuf)> {
+    let deb = match &o.deb {
+        Some(d) => d.clone(),
+        None => {
+            step("vm: building the .deb (cargo xtask dist)");
+            crate::dist::run(&[])?;
+            root().join("target/dist").join(crate::dist::deb_name(version))
+        }
+    };
+    ensure!(deb.exists(), "{} does not exist", deb.display());
+    let dir = root().join("target/vm/next");
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("xcp-vm-agent");
+    newer_binary(&deb, &bin, version, next, &dir)?;
+    step(&format!("vm: packaging the newer build {next}"));
+    crate::dist::run(&[
+        "--version".into(),
+        next.into(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--binary".into(),
+        bin.display().to_string(),
+    ])?;
+    Ok((deb, dir.join(crate::dist::deb_name(next))))
+}
+
+/// The agent binary of `deb` with its version string changed from
+/// `version` to `next` (same length), so that an upgrade shows in the
+/// check-in as a real newer build would. Only the agent's own
+/// `NAME/VERSION`-style strings are touched: every occurrence of the exact
+/// version bytes delimited by non-version characters.
+fn newer_binary(deb: &Path, out: &Path, version: &str, next: &str, dir: &Path) -> Result<()> {
+    ensure!(version.len() == next.len(), "version {version} -> {next} changes length; cannot patch the binary");
+    let x = dir.join("x");
+    let _ = std::fs::remove_dir_all(&x);
+    util::output(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&x))?;
+    let mut b = std::fs::read(x.join("usr/bin/xcp-vm-agent"))?;
+    let (v, n) = (version.as_bytes(), next.as_bytes());
+    let is_ver = |c: u8| c.is_ascii_digit() || c == b'.';
+    let mut count = 0;
+    let mut i = 0;
+    while i + v.len() <= b.len() {
+        if &b[i..i + v.len()] == v && (i == 0 || !is_ver(b[i - 1])) && b.get(i + v.len()).is_none_or(|&c| !is_ver(c)) {
+            b[i..i + v.len()].copy_from_slice(n);
+            count += 1;
+            i += v.len();
+        } else {
+            i += 1;
+        }
+    }
+    ensure!(count > 0, "no version string {version} in the agent binary");
+    std::fs::write(out, &b)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))?;
+    let _ = std::fs::remove_dir_all(&x);
+    let o = util::output(Command::new(out).arg("--version"))?;
+    ensure!(o.contains(next), "the patched binary says {o:?}, not {next}");
+    Ok(())
+}
+
+/// `mgmt-server serve` on free loopback ports: (child, agent port, admin URL).
+fn start_server(bin: &Path, pki: &Path, dir: &Path) -> Result<(std::process::Child, u16, String)> {
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pki"])
+        .arg(pki)
+        .arg("--state")
+        .arg(dir.join("server-state"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("server.log"))?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    let https = line.split_whitespace().find(|w| w.starts_with("https://")).context("no https address")?;
+    let admin = line.split_whitespace().find(|w| w.starts_with("http://")).context("no admin address")?.to_string();
+    let port: u16 = https.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).context("port")?;
+    Ok((child, port, admin))
+}
+
+/// A small read-only ext4 disk (serial FILES) with the packages, the test
+/// PKI and the agent config the guests use.
+fn files_disk(dir: &Path, pki: &Path, deb: &Path, next: &Path) -> Result<PathBuf> {
+    let f = dir.join("files");
+    std::fs::create_dir_all(f.join("pki"))?;
+    std::fs::copy(deb, f.join(deb.file_name().unwrap()))?;
+    std::fs::copy(next, f.join(next.file_name().unwrap()))?;
+    for n in ["ca.pem", "agent-cert.pem", "agent-key.pem"] {
+        std::fs::copy(pki.join(n), f.join("pki").join(n))?;
+    }
+    let config = serde_json::json!({
+        "server_url": format!("https://{SERVER_NAME}:{}", qemu::GUEST_FWD_PORT),
+        "server_cert": "/etc/xcp-vm-agent/pki/ca.pem",
+        "client_cert": ["/etc/xcp-vm-agent/pki/agent-cert.pem", "/etc/xcp-vm-agent/pki/agent-key.pem"],
+        "check_in_interval": 5,
+        "log_level": "debug",
+    });
+    std::fs::write(f.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    let fixture = root().join("vm-tests/fixtures/python-agent-1.0.3");
+    if fixture.is_dir() {
+        util::run(Command::new("cp").arg("-a").arg(&fixture).arg(f.join("python-agent-1.0.3")))?;
+    }
+    let img = dir.join("files.raw");
+    // No orphan_file / metadata_csum_seed: the 5.10 kernel of bullseye mounts it too.
+    util::output(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^orphan_file,^metadata_csum_seed", "-L", "FILES", "-d"])
+            .arg(&f)
+            .arg(&img)
+            .arg("64M"),
+    )
+    .or_else(|_| {
+        util::output(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "FILES", "-d"]).arg(&f).arg(&img).arg("64M"))
+    })?;
+    Ok(img)
+}
+
+/// qemu-system-x86_64 (from bookworm-backports), qemu-img and mmdebstrap.
+pub fn ensure_tools() -> Result<()> {
+    const SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
+    const SED: &str = "0,/^Suites: bookworm bookworm-updates$/s//Suites: bookworm bookworm-updates bookworm-backports/";
+    let mut missing = Vec::new();
+    if !have("mmdebstrap") {
+        missing.push("mmdebstrap");
+    }
+    if !have("qemu-system-x86_64") {
+        missing.push("qemu-system-x86");
+    }
+    if !have("qemu-img") {
+        missing.push("qemu-utils");
+    }
+    if !have("socat") {
+        missing.push("socat");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cmd = format!(
+        "sed -i -E '{SED}' {SOURCES} && apt-get update && apt-get install -y -t bookworm-backports {}",
+        missing.join(" ")
+    );
+    if !have("apt-get") || !Path::new(SOURCES).exists() {
+        bail!("missing {}; on Debian 12 install them (as root) with:\n    {cmd}", missing.join(", "));
+    }
+    step(&format!("vm: installing {} (QEMU from bookworm-backports)", missing.join(" ")));
+    let text = std::fs::read_to_string(SOURCES)?;
+    if !text.contains("bookworm-backports") {
+        util::run(Command::new("sed").args(["-i", "-E", SED, SOURCES]))?;
+        ensure!(
+            std::fs::read_to_string(SOURCES)?.contains("bookworm-backports"),
+            "{SOURCES} has no `Suites: bookworm bookworm-updates` line to add bookworm-backports to; run:\n    {cmd}"
+        );
+    }
+    util::run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=300", "update", "-q"]))?;
+    util::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "-t", "bookworm-backports"])
+            .args(&missing),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,690 @@
+//! The scenarios as data ([`SCENARIOS`]) and the context they run in.
+//!
+//! A scenario is a name, the chain it belongs to, the scenarios it builds on,
+//! a deadline sized for software emulation and one function. Scenarios of a
+//! chain share one overlay of the image and run in table order, so a chain
+//! costs few boots; a scenario that must not see another's leftovers gets a
+//! chain of its own (a fresh overlay). To add one: write `fn x(c: &mut Ctx)
+//! -> Result<String>` (the `String` is the cell's message) and add a row.
+//! Inside, `c.sh_ok(..)` runs a command in the guest (outside any service),
+//! `c.job(..)` queues a job for the agent and waits for its end,
+//! `c.reboot(..)` powers off and boots again, `c.resize(..)` grows a disk.
+use super::image::{Built, Image, Init, Layout};
+use super::qemu::{self, left, Disk, Vm};
+use super::Env;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub struct Scenario {
+    pub name: &'static str,
+    /// Scenarios of one chain share an overlay and run in table order.
+    pub chain: &'static str,
+    /// Scenarios this one builds on: when one of them did not pass, this
+    /// cell is red with that reason (never skipped silently).
+    pub needs: &'static [&'static str],
+    /// Deadline for the whole scenario, boots included (TCG-sized).
+    pub deadline_s: u64,
+    pub run: fn(&mut Ctx) -> Result<String>,
+}
+
+const fn sc(
+    name: &'static str,
+    chain: &'static str,
+    needs: &'static [&'static str],
+    deadline_s: u64,
+    run: fn(&mut Ctx) -> Result<String>,
+) -> Scenario {
+    Scenario { name, chain, needs, deadline_s, run }
+}
+
+pub const SCENARIOS: &[Scenario] = &[
+    sc("install", "main", &[], 420, install),
+    sc("check-in", "main", &["install"], 180, check_in),
+    sc("initialize-ext4", "main", &["check-in"], 240, initialize_ext4),
+    sc("initialize-xfs", "main", &["check-in"], 240, initialize_xfs),
+    sc("run-script", "main", &["check-in"], 120, run_script),
+    sc("grow-root-online", "main", &["check-in"], 240, grow_root_online),
+    sc("grow-lvm-online", "main", &["check-in"], 300, grow_lvm_online),
+    sc("swap-after-root-refused", "main", &["check-in"], 300, swap_after_root_refused),
+    sc("reboot-remount", "main", &["initialize-ext4", "initialize-xfs"], 420, reboot_remount),
+    sc("grow-data-online", "main", &["initialize-ext4"], 240, grow_data_online),
+    sc("boot-without-disk", "main", &["initialize-xfs"], 480, boot_without_disk),
+    sc("upgrade", "main", &["check-in"], 300, upgrade),
+    sc("remove", "main", &["install"], 240, remove),
+    sc("takeover-1.0.3", "takeover", &[], 600, takeover_103),
+];
+
+pub fn by_name(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// Data disks every chain gets: QEMU drive id, virtio serial, size.
+pub const DATA_DISKS: &[(&str, &str, u64)] = &[
+    ("d-ext4", "DATA1", 256 << 20),
+    ("d-xfs", "DATA2", 512 << 20),
+    ("d-lvm", "LVM1", 256 << 20),
+    ("d-tmpl", "TMPL1", 512 << 20),
+];
+
+/// What one scenario run leaves for its report cell.
+pub struct Outcome {
+    pub pass: bool,
+    pub seconds: f64,
+    pub message: String,
+    pub step: String,
+    /// Console log of the boot the scenario ended in.
+    pub console: Option<PathBuf>,
+    pub console_tail: String,
+}
+
+/// One chain's state: the image, the VM, the disks, what scenarios noted.
+pub struct Ctx<'a> {
+    pub img: &'static Image,
+    pub built: &'a Built,
+    pub env: &'a Env,
+    pub dir: PathBuf,
+    pub uuid: String,
+    pub disks: Vec<Disk>,
+    pub vm: Option<Vm>,
+    pub boots: u32,
+    pub deadline: Instant,
+    pub step: String,
+    pub notes: BTreeMap<String, String>,
+    pub transcript: std::fs::File,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(img: &'static Image, built: &'a Built, env: &'a Env, dir: PathBuf, chain: &str) -> Result<Ctx<'a>> {
+        std::fs::create_dir_all(&dir)?;
+        let root = dir.join("root.qcow2");
+        super::image::overlay(&built.disk, &root)?;
+        let mut disks = vec![Disk { id: "root".into(), serial: "ROOT".into(), path: root }];
+        for (id, serial, size) in DATA_DISKS {
+            let p = dir.join(format!("{serial}.raw"));
+            std::fs::File::create(&p)?.set_len(*size)?;
+            disks.push(Disk { id: id.to_string(), serial: serial.to_string(), path: p });
+        }
+        disks.push(Disk { id: "files".into(), serial: "FILES".into(), path: env.files_disk.clone() });
+        let transcript = std::fs::File::create(dir.join(format!("transcript-{chain}.log")))?;
+        Ok(Ctx {
+            img,
+            built,
+            env,
+            uuid: vm_uuid(img.name),
+            dir,
+            disks,
+            vm: None,
+            boots: 0,
+            deadline: Instant::now(),
+            step: String::new(),
+            notes: BTreeMap::new(),
+            transcript,
+        })
+    }
+
+    pub fn log(&mut self, text: &str) {
+        let _ = writeln!(self.transcript, "{text}");
+    }
+
+    pub fn set_step(&mut self, s: &str) {
+        self.step = s.to_string();
+        self.log(&format!("## {s}"));
+    }
+
+    /// Boot with the given disks (by serial; all when `None`).
+    pub fn boot(&mut self, without: &[&str]) -> Result<()> {
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
+        }
+        self.boots += 1;
+        let name = format!("boot{}", self.boots);
+        self.set_step(&format!("{name}: booting (without {:?})", without));
+        let disks: Vec<Disk> = self.disks.iter().filter(|d| !without.contains(&d.serial.as_str())).cloned().collect();
+        let spec = qemu::Spec {
+            accel: &self.env.accel,
+            uuid: &self.uuid,
+            kernel: &self.built.kernel,
+            initrd: &self.built.initrd,
+            append: &self.built.append,
+            disks: &disks,
+            server_port: self.env.server_port,
+            dir: &self.dir,
+            name: &name,
+        };
+        let mut vm = Vm::start(&spec)?;
+        let t = Instant::now();
+        vm.wait_shell(self.deadline).context("waiting for the guest's test shell")?;
+        self.log(&format!("{name}: test shell answered after {:.0} s", t.elapsed().as_secs_f64()));
+        self.vm = Some(vm);
+        self.set_step(&format!("{name}: waiting for the init system to finish the boot"));
+        let out = self.sh_ok(self.img.init.boot_finished())?;
+        self.log(&format!("{name}: boot finished after {:.0} s: {}", t.elapsed().as_secs_f64(), out.trim()));
+        if !without.contains(&"FILES") {
+            self.sh_ok("mkdir -p /mnt/files && mount -o ro /dev/disk/by-id/virtio-FILES /mnt/files")?;
+        }
+        Ok(())
+    }
+
+    /// Power off and boot again (a reboot as the hypervisor sees it).
+    pub fn reboot(&mut self, without: &[&str]) -> Result<()> {
+        self.set_step("powering off");
+        if let Some(vm) = self.vm.as_mut() {
+            vm.poweroff(self.deadline)?;
+        }
+        self.vm = None;
+        self.boot(without)
+    }
+
+    fn vm(&mut self) -> Result<&mut Vm> {
+        if self.vm.is_none() {
+            self.boot(&[])?;
+        }
+        Ok(self.vm.as_mut().unwrap())
+    }
+
+    pub fn console(&self) -> Option<PathBuf> {
+        (self.boots > 0).then(|| self.dir.join(format!("console-boot{}.log", self.boots)))
+    }
+
+    /// Run a command in the guest; exit code and output.
+    pub fn sh(&mut self, script: &str) -> Result<(i32, String)> {
+        let d = self.deadline;
+        let r = self.vm()?.sh(script, d);
+        match &r {
+            Ok((rc, out)) => self.log(&format!("$ {script}\n{}[exit {rc}]", out)),
+            Err(e) => self.log(&format!("$ {script}\n[error {e:#}]")),
+        }
+        r
+    }
+
+    pub fn sh_ok(&mut self, script: &str) -> Result<String> {
+        let (rc, out) = self.sh(script)?;
+        ensure!(rc == 0, "`{script}` exited {rc}: {}", last_lines(&out, 15));
+        Ok(out)
+    }
+
+    /// Poll a guest command until it exits 0 (or the deadline).
+    pub fn sh_until(&mut self, script: &str) -> Result<String> {
+        loop {
+            let (rc, out) = self.sh(script)?;
+            if rc == 0 {
+                return Ok(out);
+            }
+            ensure!(
+                left(self.deadline) > Duration::from_secs(1),
+                "`{script}` did not succeed before the deadline: {}",
+                last_lines(&out, 15)
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// Grow a drive (QEMU id) to `bytes` while the VM runs.
+    pub fn resize(&mut self, drive: &str, bytes: u64) -> Result<()> {
+        let d = self.deadline;
+        self.log(&format!("QMP block_resize {drive} {bytes}"));
+        self.vm()?.block_resize(drive, bytes, d)
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        crate::util::http_json(method, &self.env.admin, path, body)
+            .with_context(|| format!("admin API {method} {path}"))
+    }
+
+    /// This VM's record on the server, if it checked in.
+    pub fn agent(&self) -> Result<Option<Value>> {
+        let v = self.admin("GET", "/admin/v1/agents", None)?;
+        Ok(v["agents"].as_array().and_then(|a| a.iter().find(|a| a["vm_uuid"] == self.uuid.as_str())).cloned())
+    }
+
+    /// Wait for a check-in later than `after_ms` (Unix ms); the record.
+    pub fn wait_checkin(&mut self, after_ms: u64) -> Result<Value> {
+        loop {
+            if let Some(a) = self.agent()? {
+                if a["last_checkin_ms"].as_u64().unwrap_or(0) > after_ms {
+                    return Ok(a);
+                }
+            }
+            if let Some(vm) = self.vm.as_mut() {
+                vm.check_running()?;
+            }
+            ensure!(left(self.deadline) > Duration::ZERO, "no check-in from vm_uuid {} before the deadline", self.uuid);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Queue a job for this VM and wait for its final state.
+    pub fn job(&mut self, operation: &str, params: Value) -> Result<Value> {
+        let body = json!({"vm_uuid": self.uuid, "operation": operation, "params": params});
+        self.log(&format!("job {body}"));
+        let id = self.admin("POST", "/admin/v1/jobs", Some(&body))?["id"].as_str().unwrap_or("").to_string();
+        loop {
+            let j = self.admin("GET", &format!("/admin/v1/jobs/{id}?wait=5"), None)?;
+            let st = j["status"].as_str().unwrap_or("?").to_string();
+            if !matches!(st.as_str(), "queued" | "delivered" | "running") {
+                self.log(&format!("job {id} ended: {}", serde_json::to_string_pretty(&j).unwrap_or_default()));
+                return Ok(j);
+            }
+            if let Some(vm) = self.vm.as_mut() {
+                vm.check_running()?;
+            }
+            ensure!(left(self.deadline) > Duration::ZERO, "job {operation} {id} still {st} at the deadline");
+        }
+    }
+
+    /// [`Ctx::job`] that must end `succeeded`.
+    pub fn job_ok(&mut self, operation: &str, params: Value) -> Result<Value> {
+        let j = self.job(operation, params)?;
+        ensure!(
+            j["status"] == "succeeded",
+            "{operation} ended {}: {}",
+            j["status"],
+            j["result"]["message"].as_str().unwrap_or("")
+        );
+        Ok(j)
+    }
+
+    /// Run every scenario given, in order, each within its deadline.
+    pub fn run(&mut self, s: &Scenario) -> Outcome {
+        let t = Instant::now();
+        self.deadline = t + Duration::from_secs(s.deadline_s) * self.env.slow_factor;
+        self.step = "start".into();
+        self.log(&format!("\n===== {} =====", s.name));
+        let r = (s.run)(self);
+        if r.is_err() {
+            self.diagnose();
+        }
+        let console = self.console();
+        let (pass, message) = match r {
+            Ok(m) => (true, m),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        self.log(&format!(
+            "===== {} {} in {:.0} s: {message}",
+            s.name,
+            if pass { "PASS" } else { "FAIL" },
+            t.elapsed().as_secs_f64()
+        ));
+        Outcome {
+            pass,
+            seconds: t.elapsed().as_secs_f64(),
+            message,
+            step: self.step.clone(),
+            console_tail: if pass {
+                String::new()
+            } else {
+                console.as_deref().map(|p| qemu::tail(p, 50)).unwrap_or_default()
+            },
+            console,
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// After a failure: what the agent and the system say, into the
+    /// transcript (30 s at most; nothing if the VM is gone).
+    fn diagnose(&mut self) {
+        let Some(vm) = self.vm.as_mut() else { return };
+        if vm.check_running().is_err() {
+            return;
+        }
+        let script = "echo '--- agent log'; tail -n 40 /var/log/xcp-vm-agent/*.log 2>&1; \
+            command -v journalctl >/dev/null && journalctl -u xcp-vm-agent --no-pager -n 40; \
+            echo '--- processes'; ps -eo pid,comm,args | grep -i agent | grep -v grep; \
+            echo '--- network'; ip -brief addr; cat /etc/hosts; echo '--- mounts'; findmnt -l -t ext4,xfs; \
+            echo '--- fstab'; cat /etc/fstab; echo '--- dmesg'; dmesg | tail -n 15";
+        let r = vm.sh(script, Instant::now() + Duration::from_secs(30));
+        let text = match r {
+            Ok((_, out)) => out,
+            Err(e) => format!("(diagnostics failed: {e:#})"),
+        };
+        self.log(&format!("----- diagnostics -----\n{text}"));
+    }
+}
+
+/// A stable, distinct VM UUID per image (QEMU `-uuid`, read back from DMI).
+pub fn vm_uuid(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h: String = Sha256::digest(name.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let l: Vec<&str> = s.trim().lines().collect();
+    l[l.len().saturating_sub(n)..].join("\n")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn num(v: &Value, k: &str) -> Result<u64> {
+    v[k].as_u64().with_context(|| format!("no number {k} in {v}"))
+}
+
+fn by_id(serial: &str) -> String {
+    format!("/dev/disk/by-id/virtio-{serial}")
+}
+
+// ---------------------------------------------------------------- scenarios
+
+fn install(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    c.set_step("dpkg -i the .deb");
+    let deb = c.env.deb_name.clone();
+    let out = c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{deb} 2>&1"))?;
+    c.set_step("service enabled and running under the init system");
+    c.sh_ok(init.service_enabled()).context("the package did not enable the service")?;
+    c.sh_until(init.service_running()).context("the package did not start the service")?;
+    c.set_step("configure (server URL, certificates) and restart through the init system");
+    c.sh_ok(
+        "install -d -m 0755 /etc/xcp-vm-agent/pki && cp /mnt/files/pki/* /etc/xcp-vm-agent/pki/ && \
+         chmod 0600 /etc/xcp-vm-agent/pki/agent-key.pem && cp /mnt/files/config.json /etc/xcp-vm-agent/config.json && \
+         chmod 0600 /etc/xcp-vm-agent/config.json",
+    )?;
+    if init == Init::Systemd {
+        // After a reboot the agent starts only once /data is mounted from
+        // fstab: grow-data-online then always runs on a filesystem mounted
+        // before the service started (the ProtectSystem bug, see docs).
+        c.sh_ok(
+            "mkdir -p /etc/systemd/system/xcp-vm-agent.service.d && printf '[Unit]\\nAfter=data.mount\\n' > \
+             /etc/systemd/system/xcp-vm-agent.service.d/vmtest-order.conf && systemctl daemon-reload",
+        )?;
+    }
+    c.sh_ok(init.service_restart())?;
+    c.sh_until(init.service_running())?;
+    let pid = c.sh_ok(init.service_pid())?;
+    ensure!(!pid.trim().is_empty(), "no xcp-vm-agent process after the restart");
+    let setting_up = out.lines().find(|l| l.starts_with("Setting up")).unwrap_or("").trim().to_string();
+    Ok(format!("{setting_up}; enabled and running under {} (pid {})", init.name(), pid.trim()))
+}
+
+fn check_in(c: &mut Ctx) -> Result<String> {
+    c.set_step("waiting for the check-in with the QEMU -uuid");
+    let a = c.wait_checkin(0)?;
+    ensure!(a["client_certificate"] == true, "the check-in carried no client certificate: {a}");
+    Ok(format!(
+        "vm_uuid {} (identity source {}), agent {}",
+        a["vm_uuid"].as_str().unwrap_or("?"),
+        a["identity"]["source"].as_str().unwrap_or("?"),
+        a["agent_version"].as_str().unwrap_or("?")
+    ))
+}
+
+/// InitializeDisk on a blank disk; the mount seen from a login shell
+/// outside the service; `UUID=` and `nofail` in fstab; a file written.
+fn initialize(c: &mut Ctx, serial: &str, fs: &str, mp: &str) -> Result<String> {
+    c.set_step(&format!("InitializeDisk {serial} {fs} {mp}"));
+    let j = c.job_ok("InitializeDisk", json!({"device": by_id(serial), "filesystem": fs, "mount_point": mp}))?;
+    c.set_step("the mount seen from a login shell outside the service");
+    let seen = c.sh_ok(&format!("su -l root -c 'findmnt -n -o SOURCE,FSTYPE,TARGET {mp}'"))?;
+    ensure!(seen.contains(fs), "{mp} is mounted as {seen:?}, not {fs}");
+    c.sh_ok(&format!("grep -q ' {mp} ' /proc/1/mountinfo")).context("not in PID 1's mount namespace")?;
+    let line = c.sh_ok(&format!("awk '$2 == \"{mp}\"' /etc/fstab"))?;
+    ensure!(line.trim().starts_with("UUID="), "fstab line for {mp} does not use UUID=: {line:?}");
+    ensure!(line.contains("nofail"), "fstab line for {mp} has no nofail: {line:?}");
+    c.set_step("write a file to read back later");
+    let sum = c.sh_ok(&format!(
+        "head -c 4194304 /dev/urandom > {mp}/vmtest.bin && sync && sha256sum < {mp}/vmtest.bin | cut -d' ' -f1"
+    ))?;
+    c.notes.insert(format!("sum:{mp}"), sum.trim().to_string());
+    Ok(format!(
+        "{} ({}); fstab: {}",
+        seen.trim(),
+        j["result"]["details"]["mount_method"].as_str().unwrap_or("?"),
+        line.trim()
+    ))
+}
+
+fn initialize_ext4(c: &mut Ctx) -> Result<String> {
+    initialize(c, "DATA1", "ext4", "/data")
+}
+
+fn initialize_xfs(c: &mut Ctx) -> Result<String> {
+    initialize(c, "DATA2", "xfs", "/data-xfs")
+}
+
+/// The file written by `initialize` reads back identical.
+fn same_file(c: &mut Ctx, mp: &str) -> Result<()> {
+    let want = c.notes.get(&format!("sum:{mp}")).cloned().context("no checksum noted")?;
+    let got = c.sh_ok(&format!("sha256sum < {mp}/vmtest.bin | cut -d' ' -f1"))?;
+    ensure!(got.trim() == want, "{mp}/vmtest.bin changed: sha256 {want} -> {}", got.trim());
+    Ok(())
+}
+
+fn run_script(c: &mut Ctx) -> Result<String> {
+    c.set_step("RunScript");
+    let j = c.job_ok(
+        "RunScript",
+        json!({"script": "echo \"hello-$1\"; uname -r", "args": ["matrix"], "timeout_seconds": 60}),
+    )?;
+    let out = j["result"]["details"]["stdout"].as_str().unwrap_or("").to_string();
+    let uname = c.sh_ok("uname -r")?;
+    ensure!(out.contains("hello-matrix"), "stdout {out:?} lacks hello-matrix");
+    ensure!(out.contains(uname.trim()), "stdout {out:?} lacks the kernel {}", uname.trim());
+    Ok(format!("stdout {:?}", out.trim()))
+}
+
+fn disk_bytes(c: &mut Ctx, dev: &str) -> Result<u64> {
+    c.sh_ok(&format!("blockdev --getsize64 {dev}"))?.trim().parse().context("blockdev output")
+}
+
+fn fs_bytes(c: &mut Ctx, mp: &str) -> Result<u64> {
+    c.sh_ok(&format!("df -B1 --output=size {mp} | tail -n 1"))?.trim().parse().context("df output")
+}
+
+/// Grow drive `drive` (disk `dev` in the guest) by `add` bytes, wait for the
+/// guest kernel to see it, ExtendPartition `mp`; returns (job, fs before, after).
+fn grow(c: &mut Ctx, drive: &str, dev: &str, add: u64, mp: &str) -> Result<(Value, u64, u64)> {
+    let before = disk_bytes(c, dev)?;
+    let fs_before = fs_bytes(c, mp)?;
+    c.set_step(&format!("QMP block_resize {drive} {before} -> {}", before + add));
+    c.resize(drive, before + add)?;
+    c.sh_until(&format!("[ $(blockdev --getsize64 {dev}) -eq {} ]", before + add))
+        .context("the guest kernel did not see the disk grow")?;
+    c.set_step(&format!("ExtendPartition {mp}"));
+    let j = c.job_ok("ExtendPartition", json!({"mount_point": mp}))?;
+    let d = &j["result"]["details"];
+    ensure!(num(d, "partition_bytes_after")? > num(d, "partition_bytes_before")?, "the partition did not grow: {d}");
+    c.set_step("filesystem larger, seen from outside the service");
+    let fs_after = fs_bytes(c, mp)?;
+    ensure!(fs_after > fs_before, "{mp} did not grow: {fs_before} -> {fs_after} bytes (df)");
+    Ok((j, fs_before, fs_after))
+}
+
+fn grow_data_online(c: &mut Ctx) -> Result<String> {
+    let (j, b, a) = grow(c, "d-ext4", &by_id("DATA1"), 256 << 20, "/data")?;
+    let how = j["result"]["details"]["steps"].to_string();
+    ensure!(how.contains("online"), "not grown online: {how}");
+    same_file(c, "/data")?;
+    Ok(format!("/data {b} -> {a} bytes online, file identical"))
+}
+
+fn grow_root_online(c: &mut Ctx) -> Result<String> {
+    let lv_before = if c.img.layout == Layout::LvmXfs { Some(lv_bytes(c, "vmvg/root")?) } else { None };
+    let (_j, b, a) = grow(c, "root", &by_id("ROOT"), 512 << 20, "/")?;
+    let mut msg = format!("/ {b} -> {a} bytes (df)");
+    if let Some(lb) = lv_before {
+        let la = lv_bytes(c, "vmvg/root")?;
+        ensure!(la > lb, "the root LV did not grow: {lb} -> {la}");
+        msg.push_str(&format!("; LV vmvg/root {lb} -> {la}"));
+    }
+    Ok(msg)
+}
+
+fn lv_bytes(c: &mut Ctx, lv: &str) -> Result<u64> {
+    c.sh_ok(&format!("lvs --noheadings --units b --nosuffix -o lv_size {lv}"))?.trim().parse().context("lvs output")
+}
+
+fn grow_lvm_online(c: &mut Ctx) -> Result<String> {
+    c.set_step("partition, PV, VG, LV and ext4 on LVM1");
+    let dev = by_id("LVM1");
+    c.sh_ok(&format!(
+        "set -e; parted -s {dev} mklabel gpt mkpart data 1MiB 100% set 1 lvm on; udevadm settle; \
+         pvcreate -q {dev}-part1; vgcreate -q datavg {dev}-part1; lvcreate -q -y -l 100%FREE -n data datavg; \
+         mkfs.ext4 -q /dev/datavg/data; mkdir -p /lvdata; mount /dev/datavg/data /lvdata"
+    ))?;
+    let lb = lv_bytes(c, "datavg/data")?;
+    let (_j, b, a) = grow(c, "d-lvm", &dev, 256 << 20, "/lvdata")?;
+    let la = lv_bytes(c, "datavg/data")?;
+    ensure!(la > lb, "the LV did not grow: {lb} -> {la}");
+    Ok(format!("partition, PV, LV {lb} -> {la}, ext4 {b} -> {a} bytes"))
+}
+
+fn swap_after_root_refused(c: &mut Ctx) -> Result<String> {
+    c.set_step("the template layout on TMPL1: ext4 on partition 1, swap right after it");
+    let dev = by_id("TMPL1");
+    c.sh_ok(&format!(
+        "set -e; parted -s {dev} mklabel msdos mkpart primary ext4 1MiB 400MiB mkpart primary linux-swap 400MiB 100%; \
+         udevadm settle; mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 {dev}-part1; mkswap -q {dev}-part2 \
+         || mkswap {dev}-part2; swapon {dev}-part2; mkdir -p /tmpl; mount {dev}-part1 /tmpl"
+    ))?;
+    c.resize("d-tmpl", 1 << 30)?;
+    c.sh_until(&format!("[ $(blockdev --getsize64 {dev}) -eq {} ]", 1u64 << 30))?;
+    let hash = format!("sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum < {dev} | cut -d' ' -f1");
+    let before = c.sh_ok(&hash)?;
+    c.set_step("ExtendPartition /tmpl must be refused");
+    let j = c.job("ExtendPartition", json!({"mount_point": "/tmpl"}))?;
+    let msg = j["result"]["message"].as_str().unwrap_or("").to_string();
+    ensure!(j["status"] == "refused", "ExtendPartition ended {} ({msg}), not refused", j["status"]);
+    ensure!(msg.contains("follows it"), "the reason does not name the partition that follows: {msg}");
+    let after = c.sh_ok(&hash)?;
+    ensure!(before == after, "the disk changed: sha256 {} -> {}", before.trim(), after.trim());
+    c.sh_ok(&format!("swapoff {dev}-part2; umount /tmpl"))?;
+    Ok(format!("refused: {msg}; disk byte-identical"))
+}
+
+fn reboot_remount(c: &mut Ctx) -> Result<String> {
+    let t = now_ms();
+    c.reboot(&[])?;
+    c.set_step("both mounts back from fstab");
+    c.sh_until("findmnt -n /data >/dev/null && findmnt -n /data-xfs >/dev/null")?;
+    same_file(c, "/data")?;
+    same_file(c, "/data-xfs")?;
+    c.sh_until(c.img.init.service_running())?;
+    c.set_step("a check-in after the reboot");
+    c.wait_checkin(t)?;
+    Ok("/data and /data-xfs mounted from fstab, files identical, agent running and checking in".into())
+}
+
+fn boot_without_disk(c: &mut Ctx) -> Result<String> {
+    let t = now_ms();
+    c.reboot(&["DATA2"])?;
+    c.set_step("the boot completed without DATA2; the agent checks in");
+    c.sh_until(c.img.init.service_running())?;
+    c.wait_checkin(t)?;
+    c.sh_ok("findmnt -n /data >/dev/null").context("/data is not mounted")?;
+    c.sh_ok("! findmnt -n /data-xfs").context("/data-xfs mounted with its disk missing?")?;
+    let state = if c.img.init == Init::Systemd { c.sh("systemctl is-system-running")?.1 } else { String::new() };
+    Ok(format!("boot completed without DATA2 {}; agent checked in; /data mounted", state.trim()))
+}
+
+fn upgrade(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    c.set_step("edit the config");
+    c.sh_ok("sed -i 's/\"check_in_interval\": *5/\"check_in_interval\": 4/' /etc/xcp-vm-agent/config.json && grep -q '\"check_in_interval\": 4' /etc/xcp-vm-agent/config.json")?;
+    let sum = c.sh_ok("sha256sum /etc/xcp-vm-agent/config.json")?;
+    let pid = c.sh_ok(init.service_pid())?;
+    c.set_step("dpkg -i the newer build");
+    let t = now_ms();
+    let next = c.env.next_deb_name.clone();
+    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold -i /mnt/files/{next} 2>&1"))?;
+    let v = c.sh_ok("dpkg-query -W -f '${Version}' xcp-vm-agent")?;
+    ensure!(v.trim() == c.env.next_version, "installed version {} is not {}", v.trim(), c.env.next_version);
+    ensure!(c.sh_ok("sha256sum /etc/xcp-vm-agent/config.json")? == sum, "the edited config changed");
+    c.sh_until(init.service_running())?;
+    let pid2 = c.sh_ok(init.service_pid())?;
+    ensure!(pid2.trim() != pid.trim() && !pid2.trim().is_empty(), "the service was not restarted (pid {})", pid.trim());
+    c.set_step("the next check-in reports the new version");
+    let deadline = c.deadline;
+    let a = loop {
+        let a = c.wait_checkin(t)?;
+        if a["agent_version"] == c.env.next_version.as_str() || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    ensure!(
+        a["agent_version"] == c.env.next_version.as_str(),
+        "the check-in reports {}, not {}",
+        a["agent_version"],
+        c.env.next_version
+    );
+    Ok(format!("{} -> {}; config kept; restarted (pid {} -> {})", c.env.version, v.trim(), pid.trim(), pid2.trim()))
+}
+
+fn remove(c: &mut Ctx) -> Result<String> {
+    c.set_step("dpkg --purge");
+    c.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg --purge xcp-vm-agent 2>&1")?;
+    c.set_step("service gone, nothing of ours running");
+    c.sh_ok(c.img.init.service_gone()).context("the init system still knows the service")?;
+    c.sh_ok("! pidof xcp-vm-agent").context("an xcp-vm-agent process is still running")?;
+    c.sh_ok("[ ! -e /usr/bin/xcp-vm-agent ]")?;
+    let st = c.sh("dpkg-query -W -f '${Status}' xcp-vm-agent")?.1;
+    ensure!(!st.contains("installed") || st.contains("not-installed"), "dpkg still lists the package: {st}");
+    Ok("purged; service unknown to the init system; no process".into())
+}
+
+/// The Python agent 1.0.3 stand-in (vm-tests/fixtures/python-agent-1.0.3)
+/// installed as its install-agent.sh does, then ours over it: ours runs
+/// after the install and after a reboot, the old one never again, its
+/// config and certificates byte-identical. 1.0.3 supports systemd only: on
+/// the other init systems its installer lays it out but nothing runs it.
+fn takeover_103(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    c.set_step("install-agent.sh of the 1.0.3 stand-in");
+    c.sh_ok("[ -x /mnt/files/python-agent-1.0.3/install-agent.sh ] || [ -f /mnt/files/python-agent-1.0.3/install-agent.sh ]")
+        .context("the 1.0.3 stand-in (vm-tests/fixtures/python-agent-1.0.3) is not in this tree")?;
+    let url = format!("https://{}:{}", super::SERVER_NAME, qemu::GUEST_FWD_PORT);
+    // The user's real certificates: those of the server it talks to.
+    c.sh_ok(&format!(
+        "set -e; cp -a /mnt/files/python-agent-1.0.3 /root/pa; sh /root/pa/install-agent.sh --no-start {url}; \
+         cp /mnt/files/pki/ca.pem /etc/xcp-vm-agent/ca-cert.pem; cp /mnt/files/pki/agent-cert.pem /etc/xcp-vm-agent/agent-cert.pem; \
+         cp /mnt/files/pki/agent-key.pem /etc/xcp-vm-agent/agent-key.pem; chmod 0600 /etc/xcp-vm-agent/agent-key.pem"
+    ))?;
+    let old_running = "pgrep -f /opt/xcp-vm-agent/agent.py >/dev/null";
+    let systemd = init == Init::Systemd;
+    if systemd {
+        c.sh_ok("systemctl daemon-reload && systemctl restart xcp-vm-agent")?;
+        c.sh_until(old_running).context("the 1.0.3 stand-in does not run")?;
+    }
+    let sums = "sha256sum /etc/xcp-vm-agent/config.json /etc/xcp-vm-agent/*.pem";
+    let before = c.sh_ok(sums)?;
+    c.set_step("dpkg -i ours over it");
+    let t = now_ms();
+    let deb = c.env.deb_name.clone();
+    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{deb} 2>&1"))?;
+    c.sh_until(init.service_running()).context("ours does not run after the install")?;
+    c.sh_until(&format!("! {old_running}")).context("the 1.0.3 stand-in still runs after the install")?;
+    ensure!(c.sh_ok(sums)? == before, "the config or certificates changed");
+    c.set_step("ours checks in with the 1.0.3 config");
+    let a = c.wait_checkin(t)?;
+    ensure!(a["agent_version"] == c.env.version.as_str(), "the check-in came from {}", a["agent_version"]);
+    c.set_step("after a reboot: ours again, the old one never");
+    let t = now_ms();
+    c.reboot(&[])?;
+    c.sh_until(init.service_running())?;
+    c.wait_checkin(t)?;
+    c.sh_ok(&format!("! {old_running}")).context("the 1.0.3 stand-in runs again after the reboot")?;
+    ensure!(c.sh_ok(sums)? == before, "the config or certificates changed after the reboot");
+    let how = if systemd {
+        "the running 1.0.3 stand-in"
+    } else {
+        "the 1.0.3 files (it supports systemd only: laid out, not running)"
+    };
+    Ok(format!("ours replaced {how}; runs after install and reboot, config and certificates identical"))
+}
+
+/// Fail early with a clear reason if a scenario name is unknown.
+pub fn check_names(names: &[String]) -> Result<()> {
+    for n in names {
+        if by_name(n).is_none() {
+            bail!("no scenario {n:?}; scenarios: {}", SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>().join(", "));
+        }
+    }
+    Ok(())
+}
