@@ -145,7 +145,7 @@ pub fn run(args: &[String]) -> Result<()> {
     // The booted-VM tier: the .deb under a real systemd PID 1 (docs/vm-tests.md).
     if is_root() {
         step("VM matrix: the cells CI runs (cargo xtask vm-test, see docs/vm-tests.md)");
-        if let Err(e) = crate::vm::run(&["--offline".to_string()]) {
+        if let Err(e) = crate::vm::run(&crate::vm::ci_args()) {
             println!("{} passed, {} failed", tally.passed, tally.failed + 1);
             return Err(e);
         }

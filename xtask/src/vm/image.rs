@@ -219,7 +219,7 @@ while :; do
     exec 3<>"$port" || { sleep 1; continue; }
     while IFS=' ' read -r id b64 <&3; do
         [ -n "$id" ] || continue
-        out=$(printf '%s' "$b64" | base64 -d > /run/vmtest-cmd.sh && bash /run/vmtest-cmd.sh < /dev/null 2>&1)
+        out=$(printf '%s' "$b64" | base64 -d > /run/vmtest-cmd.sh && bash /run/vmtest-cmd.sh < /dev/null 3>&- 2>&1)
         rc=$?
         printf 'R %s %s %s\n' "$id" "$rc" "$(printf '%s' "$out" | base64 -w0)" >&3
     done

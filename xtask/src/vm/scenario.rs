@@ -144,12 +144,16 @@ impl<'a> Ctx<'a> {
         let name = format!("boot{}", self.boots);
         self.set_step(&format!("{name}: booting (without {:?})", without));
         let disks: Vec<Disk> = self.disks.iter().filter(|d| !without.contains(&d.serial.as_str())).cloned().collect();
+        // no_timer_check: on a loaded host TCG is slow enough for the
+        // kernel's IO-APIC timer check to fail ("IO-APIC + timer doesn't
+        // work!" and a panic within 50 ms of boot).
+        let append = format!("{} no_timer_check", self.built.append);
         let spec = qemu::Spec {
             accel: &self.env.accel,
             uuid: &self.uuid,
             kernel: &self.built.kernel,
             initrd: &self.built.initrd,
-            append: &self.built.append,
+            append: &append,
             disks: &disks,
             server_port: self.env.server_port,
             dir: &self.dir,
@@ -336,7 +340,10 @@ impl Ctx<'_> {
             command -v journalctl >/dev/null && journalctl -u xcp-vm-agent --no-pager -n 40; \
             echo '--- processes'; ps -eo pid,comm,args | grep -i agent | grep -v grep; \
             echo '--- network'; ip -brief addr; cat /etc/hosts; echo '--- mounts'; findmnt -l -t ext4,xfs; \
-            echo '--- fstab'; cat /etc/fstab; echo '--- dmesg'; dmesg | tail -n 15";
+            echo '--- fstab'; cat /etc/fstab; echo '--- dmesg'; dmesg | tail -n 15; \
+            command -v journalctl >/dev/null && { echo '--- boot journal (mounts, devices, failures)'; \
+            journalctl -b --no-pager | grep -iE 'timed out|dependency failed|failed to|\\.mount|by-uuid' | tail -n 30; \
+            systemctl --failed --no-pager; }";
         let r = vm.sh(script, Instant::now() + Duration::from_secs(30));
         let text = match r {
             Ok((_, out)) => out,
@@ -657,7 +664,10 @@ fn takeover_103(c: &mut Ctx) -> Result<String> {
     c.set_step("dpkg -i ours over it");
     let t = now_ms();
     let deb = c.env.deb_name.clone();
-    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{deb} 2>&1"))?;
+    // 1.0.3's config.json is also our conffile: without a terminal, plain
+    // `dpkg -i` stops at the conffile prompt; keep the user's file as apt
+    // does unattended.
+    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold -i /mnt/files/{deb} 2>&1"))?;
     c.sh_until(init.service_running()).context("ours does not run after the install")?;
     c.sh_until(&format!("! {old_running}")).context("the 1.0.3 stand-in still runs after the install")?;
     ensure!(c.sh_ok(sums)? == before, "the config or certificates changed");
