@@ -245,7 +245,9 @@ fn check_initialized(l: &Loop, a: &Agent, fs: &str, mp: &Path) {
     let ours: Vec<&str> = t.lines().filter(|x| x.contains("xcp-vm-agent")).collect();
     assert_eq!(ours.len(), 1, "{t}");
     assert!(
-        ours[0].starts_with("UUID=") && ours[0].contains("nofail") && ours[0].contains("x-systemd.device-timeout=")
+        ours[0].starts_with("UUID=") && ours[0].contains("nofail") && !ours[0].contains("x-systemd.device-timeout="),
+        "{}",
+        ours[0]
     );
     let dump = sh("sfdisk", &["--dump", &l.dev]);
     assert!(dump.contains("label: gpt") && dump.contains("name=\"xcp-vm-agent\""), "{dump}");

@@ -27,9 +27,6 @@ use std::time::Duration;
 
 /// GPT partition name marking the partition as made by this agent.
 pub const PART_NAME: &str = "xcp-vm-agent";
-/// `x-systemd.device-timeout=` added to every entry (systemd waits 90 s
-/// by default for a missing device).
-pub const DEVICE_TIMEOUT: &str = "x-systemd.device-timeout=30s";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,9 +112,10 @@ pub fn mount_options(given: Option<&str>) -> Result<String, String> {
     if !opts.iter().any(|o| o == "nofail") {
         opts.push("nofail".into());
     }
-    if !opts.iter().any(|o| o.starts_with("x-systemd.device-timeout=")) {
-        opts.push(DEVICE_TIMEOUT.into());
-    }
+    // No `x-systemd.device-timeout=`: with `nofail` the boot does not wait
+    // for the device anyway, and a short timeout (it was 30 s) gave up on a
+    // disk that WAS there when udev was slow to announce it (VM matrix,
+    // reboot-remount: "Timed out waiting for device", /data left unmounted).
     Ok(opts.join(","))
 }
 
@@ -616,9 +614,9 @@ mod tests {
     }
 
     #[test]
-    fn mount_options_always_get_nofail_and_timeout() {
-        assert_eq!(mount_options(None).unwrap(), format!("defaults,nofail,{DEVICE_TIMEOUT}"));
-        assert_eq!(mount_options(Some("noatime,nofail")).unwrap(), format!("noatime,nofail,{DEVICE_TIMEOUT}"));
+    fn mount_options_always_get_nofail_and_no_short_device_timeout() {
+        assert_eq!(mount_options(None).unwrap(), "defaults,nofail");
+        assert_eq!(mount_options(Some("noatime,nofail")).unwrap(), "noatime,nofail");
         assert_eq!(
             mount_options(Some("defaults,x-systemd.device-timeout=5s")).unwrap(),
             "defaults,x-systemd.device-timeout=5s,nofail"
