@@ -431,6 +431,20 @@ fn initialize(c: &mut Ctx, serial: &str, fs: &str, mp: &str) -> Result<String> {
     let seen = c.sh_ok(&format!("su -l root -c 'findmnt -n -o SOURCE,FSTYPE,TARGET {mp}'"))?;
     ensure!(seen.contains(fs), "{mp} is mounted as {seen:?}, not {fs}");
     c.sh_ok(&format!("grep -q ' {mp} ' /proc/1/mountinfo")).context("not in PID 1's mount namespace")?;
+    if c.img.init == Init::Systemd {
+        // The point of mounting through systemd: the service has its own
+        // mount namespace (its sandboxing), so the mount must have been
+        // made in PID 1's. Both must be real readings (MainPID 0 reads "").
+        let ns = c.sh_ok(
+            "p=$(systemctl show -p MainPID --value xcp-vm-agent); echo \"$(readlink /proc/$p/ns/mnt) $(readlink /proc/1/ns/mnt)\"",
+        )?;
+        let w: Vec<&str> = ns.split_whitespace().collect();
+        ensure!(
+            w.len() == 2 && w.iter().all(|x| x.starts_with("mnt:[")) && w[0] != w[1],
+            "the agent's and PID 1's mount namespaces read {ns:?}: the unit's sandboxing is not in force, so this \
+             proves nothing"
+        );
+    }
     let line = c.sh_ok(&format!("awk '$2 == \"{mp}\"' /etc/fstab"))?;
     ensure!(line.trim().starts_with("UUID="), "fstab line for {mp} does not use UUID=: {line:?}");
     ensure!(line.contains("nofail"), "fstab line for {mp} has no nofail: {line:?}");
