@@ -42,7 +42,7 @@ const fn sc(
 }
 
 pub const SCENARIOS: &[Scenario] = &[
-    sc("install", "main", &[], 420, install),
+    sc("install", "main", &[], 600, install),
     sc("check-in", "main", &["install"], 180, check_in),
     sc("initialize-ext4", "main", &["check-in"], 240, initialize_ext4),
     sc("initialize-xfs", "main", &["check-in"], 240, initialize_xfs),
@@ -50,12 +50,12 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("grow-root-online", "main", &["check-in"], 240, grow_root_online),
     sc("grow-lvm-online", "main", &["check-in"], 300, grow_lvm_online),
     sc("swap-after-root-refused", "main", &["check-in"], 300, swap_after_root_refused),
-    sc("reboot-remount", "main", &["initialize-ext4", "initialize-xfs"], 420, reboot_remount),
+    sc("reboot-remount", "main", &["initialize-ext4", "initialize-xfs"], 600, reboot_remount),
     sc("grow-data-online", "main", &["initialize-ext4"], 240, grow_data_online),
-    sc("boot-without-disk", "main", &["initialize-xfs"], 480, boot_without_disk),
+    sc("boot-without-disk", "main", &["initialize-xfs"], 600, boot_without_disk),
     sc("upgrade", "main", &["check-in"], 300, upgrade),
     sc("remove", "main", &["install"], 240, remove),
-    sc("takeover-1.0.3", "takeover", &[], 600, takeover_103),
+    sc("takeover-1.0.3", "takeover", &[], 900, takeover_103),
 ];
 
 pub fn by_name(name: &str) -> Option<&'static Scenario> {
