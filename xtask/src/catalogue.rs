@@ -159,25 +159,6 @@ pub fn expected_digest(format: ChecksumFormat, text: &str, file: &str) -> Result
     found.with_context(|| format!("the checksum file has no digest for {file:?}"))
 }
 
-/// Every scenario name of the VM matrix, in report order (issue 9 and the
-/// scenarios later issues add). `skip` entries must name one of these.
-pub const SCENARIOS: &[&str] = &[
-    "install",
-    "check-in",
-    "initialize-ext4",
-    "initialize-xfs",
-    "reboot-remount",
-    "boot-without-disk",
-    "grow-data-online",
-    "grow-root-online",
-    "grow-lvm-online",
-    "swap-after-root-refused",
-    "run-script",
-    "upgrade",
-    "remove",
-    "takeover-1.0.3",
-];
-
 /// The catalogue file of this workspace.
 pub fn path() -> PathBuf {
     crate::util::root().join("ci/distros.toml")
@@ -372,12 +353,12 @@ pub fn check(scenarios: &[&str]) -> Result<()> {
 /// the GitHub workflow passes the GitHub workflow schema (check-jsonschema's
 /// built-in copy, offline) while a broken copy of it does not, so the check
 /// is known to bite.
-pub fn ci_checks() -> Result<()> {
-    check(SCENARIOS)?;
+pub fn ci_checks(scenarios: &[&str]) -> Result<()> {
+    check(scenarios)?;
     let wf = crate::util::root().join("ci/github/vm-matrix.yml");
     let text = std::fs::read_to_string(&wf).with_context(|| format!("cannot read {}", wf.display()))?;
     ensure!(
-        text.contains("cargo xtask catalogue --json") && text.contains("fromJSON(needs.build.outputs.matrix)"),
+        text.contains("cargo xtask vm-test --list --json") && text.contains("fromJSON(needs.build.outputs.matrix)"),
         "{}: the job matrix must be generated from the catalogue",
         wf.display()
     );
@@ -438,13 +419,13 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     if json {
         let entries = load(&path())?;
-        let probs = problems(&entries, SCENARIOS);
+        let probs = problems(&entries, &crate::vm::scenario_names());
         ensure!(probs.is_empty(), "the catalogue is not valid:\n  {}", probs.join("\n  "));
         println!("{}", github_matrix(&entries));
         return Ok(());
     }
     crate::util::step("catalogue: checking ci/distros.toml and ci/github/vm-matrix.yml");
-    ci_checks()?;
+    ci_checks(&crate::vm::scenario_names())?;
     let entries = load(&path())?;
     for name in fetches {
         let e =
@@ -465,7 +446,7 @@ mod tests {
     fn the_workspace_catalogue_is_valid() {
         let entries = load(&path()).unwrap();
         assert!(entries.len() >= 14, "{} entries", entries.len());
-        let p = problems(&entries, SCENARIOS);
+        let p = problems(&entries, &crate::vm::scenario_names());
         assert!(p.is_empty(), "{p:#?}");
         for want in ["ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04", "rocky-8", "rocky-9", "almalinux-8", "almalinux-9"]
         {
@@ -546,7 +527,7 @@ root_layout = "ext4"
 user = "alpine"
 install = "apk add {pkg}"
 "#;
-        let p = problems(&parse(text).unwrap(), SCENARIOS).join("\n");
+        let p = problems(&parse(text).unwrap(), &crate::vm::scenario_names()).join("\n");
         for want in [
             "Ubuntu: name must be",
             "Ubuntu: url \"http://example.invalid/a.qcow2\" is not an https URL",

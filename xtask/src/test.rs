@@ -70,7 +70,7 @@ pub fn run(args: &[String]) -> Result<()> {
     util::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
     step("ci: the cloud-image catalogue and the GitHub workflow (ci/)");
-    crate::catalogue::ci_checks()?;
+    crate::catalogue::ci_checks(&crate::vm::scenario_names())?;
 
     let mut tally = Tally::default();
     let mut partial: Vec<&str> = Vec::new();

@@ -44,7 +44,9 @@ their recipe (first build: 2-4 minutes per image). Needs root.
 Options:
   --image NAME     only this image (repeatable); see --list
   --scenario NAME  only this scenario and those it builds on (repeatable)
-  --list           print the images and scenarios and exit
+  --list           print the images and scenarios and exit; with --json, the
+                   CI job matrix generated from the cloud-image catalogue
+  --check-catalogue  validate ci/distros.toml and ci/github/vm-matrix.yml offline
   --offline        the images built here (the default, and all there is today)
   --keep           keep the run directories under target/vm/run
   --build-only     build (or check the cache of) the images, boot nothing
@@ -115,6 +117,7 @@ pub fn run(args: &[String]) -> Result<()> {
         deb: None,
         build_only: false,
     };
+    let mut list_json: Option<bool> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -122,9 +125,11 @@ pub fn run(args: &[String]) -> Result<()> {
                 print!("{HELP}");
                 return Ok(());
             }
-            "--list" => {
-                list();
-                return Ok(());
+            "--list" => list_json = list_json.or(Some(false)),
+            "--json" => list_json = Some(true),
+            "--check-catalogue" => {
+                step("vm-test: checking the cloud-image catalogue ci/distros.toml and ci/github/vm-matrix.yml");
+                return crate::catalogue::ci_checks(&scenario_names());
             }
             "--offline" => {}
             "--build-only" => o.build_only = true,
@@ -137,7 +142,27 @@ pub fn run(args: &[String]) -> Result<()> {
             other => bail!("unknown option {other:?}\n\n{HELP}"),
         }
     }
-    run_matrix(&o)
+    match list_json {
+        Some(false) => {
+            list();
+            Ok(())
+        }
+        // The CI matrix: one row per catalogue image (ci/distros.toml).
+        Some(true) => {
+            let entries = crate::catalogue::load(&crate::catalogue::path())?;
+            let probs = crate::catalogue::problems(&entries, &scenario_names());
+            ensure!(probs.is_empty(), "the catalogue is not valid:\n  {}", probs.join("\n  "));
+            println!("{}", crate::catalogue::github_matrix(&entries));
+            Ok(())
+        }
+        None => run_matrix(&o),
+    }
+}
+
+/// Every scenario name, in table order (the catalogue's `skip` entries
+/// must name one of these).
+pub fn scenario_names() -> Vec<&'static str> {
+    scenario::SCENARIOS.iter().map(|s| s.name).collect()
 }
 
 fn list() {
