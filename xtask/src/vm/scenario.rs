@@ -56,6 +56,7 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("upgrade", "main", &["check-in"], 300, upgrade),
     sc("remove", "main", &["install"], 240, remove),
     sc("takeover-1.0.3", "takeover", &[], 900, takeover_103),
+    sc("inject-offline", "inject", &[], 900, inject_offline),
 ];
 
 pub fn by_name(name: &str) -> Option<&'static Scenario> {
@@ -704,6 +705,66 @@ fn takeover_103(c: &mut Ctx) -> Result<String> {
 }
 
 /// Fail early with a clear reason if a scenario name is unknown.
+/// From the host, before the first boot: `install.sh --image` of the release
+/// tarball into this chain's qcow2 overlay (the image has no agent), with
+/// the server URL and the test PKI; then boot: the agent checks in with the
+/// UUID QEMU gave, runs a job, and does both again after a reboot. The init
+/// system, the links and the root filesystem (also LVM) are whatever
+/// install.sh found in the image (packaging/common/offline.sh).
+fn inject_offline(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    ensure!(c.boots == 0, "inject-offline must run before its chain's first boot");
+    c.set_step("install.sh --image from the host into the stopped VM's disk");
+    let tgz = crate::util::root().join("target/dist").join(crate::dist::tarball_name(&c.env.version));
+    ensure!(tgz.exists(), "{} does not exist (cargo xtask dist makes it)", tgz.display());
+    let dir = c.dir.join("tarball");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    crate::util::run(std::process::Command::new("tar").arg("-xzf").arg(&tgz).arg("-C").arg(&dir))?;
+    let inst = dir.join(format!("xcp-vm-agent-{}-x86_64/install.sh", c.env.version));
+    let pki = c.env.run_dir.join("pki");
+    let disk = c.disks.iter().find(|d| d.id == "root").context("no root disk")?.path.clone();
+    let url = format!("https://{}:{}", super::SERVER_NAME, qemu::GUEST_FWD_PORT);
+    let out = std::process::Command::new("sh")
+        .arg(&inst)
+        .arg("--image")
+        .arg(&disk)
+        .arg(&url)
+        .arg("--client-cert")
+        .arg(pki.join("agent-cert.pem"))
+        .arg(pki.join("agent-key.pem"))
+        .arg("--server-cert")
+        .arg(pki.join("ca.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run install.sh --image")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    c.log(&format!("$ install.sh --image {} {url} ...\n{text}", disk.display()));
+    ensure!(out.status.success(), "install.sh --image failed: {}", last_lines(&text, 15));
+    let detected = text.lines().find(|l| l.contains("init system:")).unwrap_or("").trim().to_string();
+    c.set_step("first boot: enabled by install.sh, running, checking in with the QEMU -uuid");
+    c.boot(&[])?;
+    c.sh_until(init.service_running()).context("the injected agent does not run after the first boot")?;
+    let a = c.wait_checkin(0)?;
+    ensure!(a["client_certificate"] == true, "the check-in carried no client certificate: {a}");
+    c.set_step("RunScript");
+    let j = c.job_ok("RunScript", json!({"script": "echo injected-$1", "args": ["ok"], "timeout_seconds": 60}))?;
+    let got = j["result"]["details"]["stdout"].as_str().unwrap_or("").to_string();
+    ensure!(got.contains("injected-ok"), "RunScript output: {got:?}");
+    c.set_step("after a reboot: running and checking in again");
+    let t = now_ms();
+    c.reboot(&[])?;
+    c.sh_until(init.service_running()).context("the injected agent does not run after the reboot")?;
+    c.wait_checkin(t)?;
+    Ok(format!(
+        "{}; checked in as {}, ran a job, back after a reboot",
+        detected.trim_start_matches("install.sh: "),
+        c.uuid
+    ))
+}
+
 pub fn check_names(names: &[String]) -> Result<()> {
     for n in names {
         if by_name(n).is_none() {
