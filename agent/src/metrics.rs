@@ -4,7 +4,10 @@
 //! The metric names are part of the protocol and of the Prometheus output:
 //! `cpu_usage_percent`, `memory_usage_percent`, `memory_used_kb`,
 //! `memory_total_kb`, `memory_available_kb`, `uptime_seconds`,
-//! `load_average`, `process_count`. Parsers take text, so tests feed fixtures.
+//! `load_average`, `load_average_5m`, `load_average_15m`, `process_count`.
+//! `load_average` (one number, the 1-minute load) and `uptime_seconds` (an
+//! integer) have the types of the seed agent users know. Parsers take text,
+//! so tests feed fixtures.
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,9 +19,12 @@ pub struct Metrics {
     pub memory_used_kb: u64,
     pub memory_total_kb: u64,
     pub memory_available_kb: u64,
-    pub uptime_seconds: f64,
-    /// 1, 5 and 15 minute load averages.
-    pub load_average: [f64; 3],
+    /// Whole seconds since boot (the seed's integer).
+    pub uptime_seconds: u64,
+    /// The 1-minute load average (the seed's single number).
+    pub load_average: f64,
+    pub load_average_5m: f64,
+    pub load_average_15m: f64,
     pub process_count: u64,
 }
 
@@ -82,8 +88,9 @@ pub fn parse_loadavg(text: &str) -> [f64; 3] {
     [v.first().copied().unwrap_or(0.0), v.get(1).copied().unwrap_or(0.0), v.get(2).copied().unwrap_or(0.0)]
 }
 
-pub fn parse_uptime(text: &str) -> f64 {
-    text.split_whitespace().next().and_then(|x| x.parse().ok()).unwrap_or(0.0)
+/// Whole seconds since boot (fraction dropped).
+pub fn parse_uptime(text: &str) -> u64 {
+    text.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()).map(|f| f.max(0.0) as u64).unwrap_or(0)
 }
 
 /// Samples metrics; remembers the last CPU counters so each sample gives the
@@ -131,6 +138,7 @@ impl Sampler {
                     .count() as u64
             })
             .unwrap_or(0);
+        let [l1, l5, l15] = parse_loadavg(&self.read("loadavg"));
         Metrics {
             cpu_usage_percent,
             memory_usage_percent: if total > 0 { round2(100.0 * used as f64 / total as f64) } else { 0.0 },
@@ -138,7 +146,9 @@ impl Sampler {
             memory_total_kb: total,
             memory_available_kb: avail,
             uptime_seconds: parse_uptime(&self.read("uptime")),
-            load_average: parse_loadavg(&self.read("loadavg")),
+            load_average: l1,
+            load_average_5m: l5,
+            load_average_15m: l15,
             process_count,
         }
     }
@@ -191,11 +201,11 @@ pub fn prometheus(m: &Metrics) -> String {
     g("memory_used_kb", "Memory in use (total minus available), kB.", m.memory_used_kb as f64);
     g("memory_total_kb", "Total memory, kB.", m.memory_total_kb as f64);
     g("memory_available_kb", "Available memory, kB.", m.memory_available_kb as f64);
-    g("uptime_seconds", "Seconds since boot.", m.uptime_seconds);
+    g("uptime_seconds", "Seconds since boot.", m.uptime_seconds as f64);
     g("process_count", "Processes running.", m.process_count as f64);
     s.push_str("# HELP xcp_vm_agent_load_average Load average.\n# TYPE xcp_vm_agent_load_average gauge\n");
-    for (i, w) in ["1m", "5m", "15m"].iter().enumerate() {
-        s.push_str(&format!("xcp_vm_agent_load_average{{window=\"{w}\"}} {}\n", m.load_average[i]));
+    for (w, v) in [("1m", m.load_average), ("5m", m.load_average_5m), ("15m", m.load_average_15m)] {
+        s.push_str(&format!("xcp_vm_agent_load_average{{window=\"{w}\"}} {v}\n"));
     }
     s
 }
@@ -229,7 +239,8 @@ mod tests {
     #[test]
     fn loadavg_and_uptime() {
         assert_eq!(parse_loadavg("0.50 0.25 0.10 1/234 5678\n"), [0.5, 0.25, 0.1]);
-        assert_eq!(parse_uptime("12345.67 2000.00\n"), 12345.67);
+        assert_eq!(parse_uptime("12345.67 2000.00\n"), 12345);
+        assert_eq!(parse_uptime(""), 0);
     }
 
     #[test]
@@ -248,8 +259,13 @@ mod tests {
         assert_eq!(m.cpu_usage_percent, 60.0);
         assert_eq!(m.memory_usage_percent, 50.0);
         assert_eq!(m.process_count, 2);
-        assert_eq!(m.uptime_seconds, 99.5);
-        assert_eq!(m.load_average, [1.0, 2.0, 3.0]);
+        assert_eq!(m.uptime_seconds, 99);
+        assert_eq!((m.load_average, m.load_average_5m, m.load_average_15m), (1.0, 2.0, 3.0));
+        // The seed's types on the wire: one number and an integer.
+        let j = serde_json::to_value(&m).unwrap();
+        assert!(j["load_average"].is_f64() && j["load_average"] == 1.0, "{j}");
+        assert!(j["uptime_seconds"].is_u64() && j["uptime_seconds"] == 99, "{j}");
+        assert_eq!((j["load_average_5m"].as_f64(), j["load_average_15m"].as_f64()), (Some(2.0), Some(3.0)));
         let p = prometheus(&m);
         assert!(p.contains("xcp_vm_agent_memory_total_kb 2048000"));
         assert!(p.contains("xcp_vm_agent_load_average{window=\"15m\"} 3"));

@@ -116,10 +116,15 @@ fn run_script_round_trip() {
         "memory_available_kb",
         "uptime_seconds",
         "load_average",
+        "load_average_5m",
+        "load_average_15m",
         "process_count",
     ] {
         assert!(!a["metrics"][m].is_null(), "metric {m} missing: {:#}", a["metrics"]);
     }
+    // The seed agent's types: one number for the 1-minute load, an integer uptime.
+    assert!(a["metrics"]["load_average"].is_number(), "{:#}", a["metrics"]);
+    assert!(a["metrics"]["uptime_seconds"].is_u64(), "{:#}", a["metrics"]);
     assert!(a["capabilities"].as_array().unwrap().iter().any(|c| c == "RunScript"));
 
     // What went over the wire matches the written protocol.
@@ -723,4 +728,35 @@ fn run_waits_for_a_server_url_and_applies_reloads() {
     assert!(d.is_running());
     d.signal(Signal::SIGTERM);
     assert!(d.wait_timeout(Duration::from_secs(10)).is_some());
+}
+
+/// `metrics --json` prints the seed agent's types: `load_average` one
+/// number (the 1-minute load), `uptime_seconds` an integer, and the 5- and
+/// 15-minute loads under their own names; the check-in schema accepts it.
+#[test]
+fn metrics_json_has_the_seed_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, format!("{{\"state_dir\": {:?}}}\n", dir.path().join("state"))).unwrap();
+    let out = std::process::Command::new(vm_tests::harness::agent_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["metrics", "--json"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "metrics --json");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["metrics"];
+    assert!(m["load_average"].is_f64(), "{m:#}");
+    assert!(m["uptime_seconds"].is_u64() && m["uptime_seconds"].as_u64().unwrap() > 0, "{m:#}");
+    assert!(m["load_average_5m"].is_f64() && m["load_average_15m"].is_f64(), "{m:#}");
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap();
+    let one: f64 = loadavg.split_whitespace().next().unwrap().parse().unwrap();
+    assert!((m["load_average"].as_f64().unwrap() - one).abs() < 2.0, "{m:#} vs /proc/loadavg {loadavg}");
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(schemas_dir().join("checkin-request.json")).unwrap()).unwrap();
+    let def = &schema["$defs"]["metrics"];
+    for k in def["required"].as_array().unwrap() {
+        assert!(!m[k.as_str().unwrap()].is_null(), "{k} missing from metrics --json: {m:#}");
+    }
 }
