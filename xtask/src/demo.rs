@@ -64,6 +64,13 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
 
+    // A fresh machine lacks the disk tools: install what the demo needs
+    // (and only that) before anything runs them. Without root the demo
+    // makes no loop-device disk and needs none of them.
+    if crate::util::is_root() {
+        step("demo: checking the tools the demo's disk jobs run");
+        crate::setup::install_missing(crate::setup::DEMO_PACKAGES)?;
+    }
     step("demo: building xcp-vm-agent and mgmt-server");
     let mut c = cargo();
     c.args(["build", "-p", "xcp-vm-agent", "--bin", "xcp-vm-agent", "-p", "vm-tests", "--bin", "mgmt-server"]);

@@ -55,34 +55,63 @@ pub fn have_check_jsonschema() -> bool {
         .unwrap_or(false)
 }
 
+/// What `cargo xtask demo` needs and nothing more (no lintian, no QEMU):
+/// the tools its loop-device jobs run (InitializeDisk with GPT and ext4,
+/// ExtendPartition of a mounted ext4) and the ones the demo itself runs.
+/// util-linux and coreutils are Essential in Debian. The test
+/// `demo_packages_cover_the_tools` keeps this list true.
+pub const DEMO_PACKAGES: &[(&str, &str)] = &[
+    ("sfdisk", "fdisk"),
+    ("sgdisk", "gdisk"),
+    ("growpart", "cloud-guest-utils"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("resize2fs", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("losetup", "mount"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+];
+
 pub fn missing() -> Vec<&'static str> {
-    let mut v: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !have(p)).map(|(_, d)| *d).collect();
+    missing_of(PACKAGES)
+}
+
+fn missing_of(list: &[(&str, &'static str)]) -> Vec<&'static str> {
+    let mut v: Vec<&str> = list.iter().filter(|(p, _)| !have(p)).map(|(_, d)| *d).collect();
+    v.sort();
     v.dedup();
     v
 }
 
-pub fn run_setup(quiet_if_done: bool) -> Result<()> {
-    let miss = missing();
+/// Install the Debian packages of `list` whose program is missing (as root
+/// with apt-get; otherwise fail with the command to run).
+pub fn install_missing(list: &[(&str, &'static str)]) -> Result<()> {
+    let miss = missing_of(list);
     if miss.is_empty() {
+        return Ok(());
+    }
+    let cmd = format!("apt-get update && apt-get install -y --no-install-recommends {}", miss.join(" "));
+    if !is_root() || !have("apt-get") {
+        bail!("missing system packages: {}. Install them (as root on Debian/Ubuntu) with:\n    {cmd}", miss.join(" "));
+    }
+    step(&format!("setup: installing {}", miss.join(" ")));
+    util::run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]))?;
+    util::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
+            .args(&miss),
+    )?;
+    Ok(())
+}
+
+pub fn run_setup(quiet_if_done: bool) -> Result<()> {
+    if missing().is_empty() {
         if !quiet_if_done {
             step("setup: every system package is already installed");
         }
     } else {
-        let cmd = format!("apt-get update && apt-get install -y --no-install-recommends {}", miss.join(" "));
-        if !is_root() || !have("apt-get") {
-            bail!(
-                "missing system packages: {}. Install them (as root on Debian/Ubuntu) with:\n    {cmd}",
-                miss.join(" ")
-            );
-        }
-        step(&format!("setup: installing {}", miss.join(" ")));
-        util::run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]))?;
-        util::run(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
-                .args(&miss),
-        )?;
+        install_missing(PACKAGES)?;
     }
     // check-jsonschema (PyPI) validates ci/github/vm-matrix.yml against the
     // GitHub workflow schema it carries (offline).
@@ -133,4 +162,47 @@ pub fn run(args: &[String]) -> Result<()> {
     // Only here, not in run_setup: `cargo xtask test` must not spend minutes
     // of CI time building a tool it does not use.
     crate::mutants::ensure_cargo_mutants()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Programs in `"..."` literals of a source file that are in `known`.
+    fn tools_in(path: &str, known: &BTreeSet<&str>) -> BTreeSet<String> {
+        let text = std::fs::read_to_string(crate::util::root().join(path)).unwrap();
+        text.split('"').skip(1).step_by(2).filter(|s| known.contains(s)).map(|s| s.to_string()).collect()
+    }
+
+    /// Every tool the demo runs, or the agent runs for the demo's jobs, is
+    /// in DEMO_PACKAGES or Essential; a new tool in those sources fails here
+    /// until it is listed (or named as not reached by the demo).
+    #[test]
+    fn demo_packages_cover_the_tools() {
+        const ESSENTIAL: &[&str] = &["truncate", "partx", "blockdev", "blkid", "wipefs", "findmnt"];
+        // Reached only by paths the demo does not take: LVM, XFS, and
+        // mounting through systemd when systemd is PID 1.
+        const NOT_IN_DEMO: &[&str] = &["pvresize", "lvextend", "mkfs.xfs", "xfs_growfs", "systemctl"];
+        let mut known: BTreeSet<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+        known.extend(DEMO_PACKAGES.iter().map(|(p, _)| *p));
+        known.extend(ESSENTIAL);
+        known.extend(NOT_IN_DEMO);
+        known.extend(["mount", "umount", "losetup", "resize2fs", "e2fsck", "lvm", "xfs_admin", "tune2fs", "parted"]);
+        let demo: BTreeSet<&str> = DEMO_PACKAGES.iter().map(|(p, _)| *p).chain(ESSENTIAL.iter().copied()).collect();
+        let mut used = BTreeSet::new();
+        used.extend(tools_in("xtask/src/demo.rs", &known));
+        for e in std::fs::read_dir(crate::util::root().join("agent/src/disk")).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            used.extend(tools_in(&format!("agent/src/disk/{name}"), &known));
+        }
+        assert!(used.contains("sfdisk") && used.contains("growpart"), "the scan found no tools: {used:?}");
+        let uncovered: Vec<&String> =
+            used.iter().filter(|t| !demo.contains(t.as_str()) && !NOT_IN_DEMO.contains(&t.as_str())).collect();
+        assert!(uncovered.is_empty(), "the demo runs {uncovered:?}, which DEMO_PACKAGES does not install");
+        // And nothing only other tasks need.
+        for heavy in ["lintian", "rpmlint", "mmdebstrap", "qemu-system-x86", "musl-tools", "shellcheck"] {
+            assert!(!DEMO_PACKAGES.iter().any(|(_, d)| *d == heavy), "the demo must not wait for {heavy}");
+        }
+    }
 }
