@@ -2,7 +2,13 @@
 # Install xcp-vm-agent from the release tarball on any Linux system, with or
 # without a package manager:
 #
-#   sudo ./install.sh SERVER_URL [-y] [--skip-deps]
+#   sudo ./install.sh [SERVER_URL] [-y] [--skip-deps]
+#
+# SERVER_URL may be left out when /etc/xcp-vm-agent/config.json already
+# names one (a takeover from the Python agent 1.0.3): the config is kept
+# byte for byte. A 1.0.3 installation is taken over first (takeover.sh:
+# old service stopped and disabled, its unit and /opt/xcp-vm-agent moved
+# to /var/backups/xcp-vm-agent-1.0.3).
 #
 # - installs the tools disk jobs use (growpart, parted/sgdisk, e2fsprogs,
 #   xfsprogs, util-linux) with apt-get, dnf, yum, zypper or apk, unless
@@ -35,8 +41,9 @@ SHARE=/usr/local/share/$NAME
 MARK="# $NAME (added by install.sh)"
 
 usage() {
-    echo "usage: $0 SERVER_URL [-y] [--skip-deps]"
-    echo "  SERVER_URL   the management server, for example https://mgmt.example.com:8443"
+    echo "usage: $0 [SERVER_URL] [-y] [--skip-deps]"
+    echo "  SERVER_URL   the management server, for example https://mgmt.example.com:8443;"
+    echo "               optional when $CONF already names one (it is then kept as it is)"
     echo "  -y           do not ask for confirmation"
     echo "  --skip-deps  do not install growpart, parted, e2fsprogs, xfsprogs, util-linux"
     echo "or, into a system that is not running (nothing from it is run):"
@@ -86,14 +93,19 @@ for arg in "$@"; do
             ;;
     esac
 done
-[ -n "$SERVER_URL" ] || { usage >&2; die "SERVER_URL is required"; }
-case "$SERVER_URL" in
-    https://?*) ;;
-    *) die "SERVER_URL must start with https:// (the agent always verifies TLS; got $SERVER_URL)" ;;
-esac
-case "$SERVER_URL" in
-    *'"'* | *\\* | *' '* | *'|'*) die "SERVER_URL must not contain quotes, backslashes, spaces or |" ;;
-esac
+if [ -z "$SERVER_URL" ] && ! grep -qs '"server_url"' "$CONF"; then
+    usage >&2
+    die "SERVER_URL is required ($CONF names none)"
+fi
+if [ -n "$SERVER_URL" ]; then
+    case "$SERVER_URL" in
+        https://?*) ;;
+        *) die "SERVER_URL must start with https:// (the agent always verifies TLS; got $SERVER_URL)" ;;
+    esac
+    case "$SERVER_URL" in
+        *'"'* | *\\* | *' '* | *'|'*) die "SERVER_URL must not contain quotes, backslashes, spaces or |" ;;
+    esac
+fi
 [ "$(id -u)" -eq 0 ] || die "run as root"
 [ -f "$HERE/$NAME" ] || die "$HERE/$NAME not found: run install.sh from the unpacked tarball"
 
@@ -151,7 +163,7 @@ INIT=$(detect_init)
 say "package manager: $PM, init system: $INIT"
 
 if [ "$YES" -ne 1 ]; then
-    printf 'Install %s for server %s? [y/N] ' "$NAME" "$SERVER_URL"
+    printf 'Install %s for server %s? [y/N] ' "$NAME" "${SERVER_URL:-named in $CONF}"
     read -r answer || answer=""
     case "$answer" in
         y | Y | yes | YES) ;;
@@ -204,9 +216,15 @@ mkdir -p "$STATE_DIR" "$LOG_DIR" "$CONF_DIR"
 chmod 0700 "$STATE_DIR"
 chmod 0750 "$LOG_DIR"
 
-# Config: keep every key of an existing file, set server_url.
+# Take over from the Python agent 1.0.3 before anything of ours is enabled.
+sh "$HERE/takeover.sh" --tarball || say "warning: the takeover from 1.0.3 is incomplete (see above)"
+
+# Config: keep every key of an existing file, set server_url; a file that
+# already names this server (or no SERVER_URL given) is kept byte for byte.
 umask 077
-if [ -f "$CONF" ] && [ "$(tr -d ' \t\r\n' <"$CONF")" = "{}" ]; then
+if [ -f "$CONF" ] && { [ -z "$SERVER_URL" ] || grep -q "\"server_url\"[[:space:]]*:[[:space:]]*\"$SERVER_URL\"" "$CONF"; }; then
+    say "kept $CONF as it is (server_url $(sed -n 's/.*"server_url"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$CONF"))"
+elif [ -f "$CONF" ] && [ "$(tr -d ' \t\r\n' <"$CONF")" = "{}" ]; then
     printf '{\n  "server_url": "%s"\n}\n' "$SERVER_URL" >"$CONF.tmp.$$"
     say "wrote $CONF"
 elif [ -f "$CONF" ]; then
@@ -221,8 +239,10 @@ else
     sed "0,/{/s|{|{\n  \"server_url\": \"$SERVER_URL\",|" "$HERE/config.json" >"$CONF.tmp.$$"
     say "wrote $CONF"
 fi
-chmod 0600 "$CONF.tmp.$$"
-mv -f "$CONF.tmp.$$" "$CONF"
+if [ -f "$CONF.tmp.$$" ]; then
+    chmod 0600 "$CONF.tmp.$$"
+    mv -f "$CONF.tmp.$$" "$CONF"
+fi
 umask 022
 if ! "$BIN" --config "$CONF" check-config >/dev/null 2>&1; then
     say "warning: '$BIN --config $CONF check-config' reports a problem; fix $CONF"
@@ -231,7 +251,12 @@ fi
 # --- service ---------------------------------------------------------------
 case "$INIT" in
     systemd)
-        install_service_file 0644 "$HERE/$NAME.service" /etc/systemd/system/$NAME.service
+        # A unit someone wrote by hand stays (takeover.sh said why above).
+        if [ -f /etc/systemd/system/$NAME.service ] && ! head -n 1 /etc/systemd/system/$NAME.service | grep -q "^# systemd unit for $NAME"; then
+            say "warning: kept the hand-written /etc/systemd/system/$NAME.service: the unit of this tarball is not in force"
+        else
+            install_service_file 0644 "$HERE/$NAME.service" /etc/systemd/system/$NAME.service
+        fi
         if [ -d /run/systemd/system ]; then
             systemctl daemon-reload
             systemctl enable $NAME.service

@@ -125,8 +125,13 @@ if [ -f /etc/systemd/system/$NAME.service ]; then
     elif command -v systemctl >/dev/null 2>&1; then
         try systemctl disable $NAME.service
     fi
-    rm -f /etc/systemd/system/$NAME.service
-    [ -d /run/systemd/system ] && systemctl daemon-reload
+    # Only the unit install.sh wrote; a hand-written one stays (disabled).
+    if head -n 1 /etc/systemd/system/$NAME.service | grep -q "^# systemd unit for $NAME"; then
+        rm -f /etc/systemd/system/$NAME.service
+    else
+        say "kept the hand-written /etc/systemd/system/$NAME.service (disabled)"
+    fi
+    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 fi
 if [ -f /etc/init.d/$NAME ] && [ "$packaged" -eq 0 ]; then
     if head -n 1 /etc/init.d/$NAME | grep -q openrc-run; then

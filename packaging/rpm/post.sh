@@ -7,10 +7,19 @@ sysv_running() {
     rl=$(runlevel 2>/dev/null || true)
     [ -n "$rl" ] && [ "$rl" != unknown ]
 }
+# Replace the Python agent 1.0.3 first: its unit in /etc/systemd/system
+# would override ours (docs/packaging.md).
+took_over=0
+if [ -x /usr/lib/xcp-vm-agent/takeover ]; then
+    if [ -d /opt/xcp-vm-agent ] || grep -qs /opt/xcp-vm-agent /etc/systemd/system/xcp-vm-agent.service; then
+        took_over=1
+    fi
+    /usr/lib/xcp-vm-agent/takeover || :
+fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
 fi
-if [ "$1" -eq 1 ]; then
+if [ "$1" -eq 1 ] || [ "$took_over" -eq 1 ]; then
     if command -v systemctl >/dev/null 2>&1; then
         systemctl --no-reload enable xcp-vm-agent.service >/dev/null 2>&1 || :
         if [ -d /run/systemd/system ]; then

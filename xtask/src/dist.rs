@@ -247,7 +247,9 @@ pub fn contents(fmt: Format, bin: &[u8], docs: &[(String, Vec<u8>)], opts: &Opts
     let epoch = opts.epoch;
     let mut v = vec![
         Item { dest: format!("/usr/bin/{NAME}"), mode: 0o755, data: bin.to_vec() },
-        Item { dest: format!("/etc/{NAME}/config.json"), mode: 0o600, data: config_json(opts)? },
+        // Run by every package's install script: takes over from the
+        // Python agent 1.0.3 (docs/packaging.md).
+        Item { dest: format!("/usr/lib/{NAME}/takeover"), mode: 0o755, data: read_pkg("common/takeover.sh")? },
         Item {
             dest: format!("/etc/logrotate.d/{NAME}"),
             mode: 0o644,
@@ -274,6 +276,14 @@ pub fn contents(fmt: Format, bin: &[u8], docs: &[(String, Vec<u8>)], opts: &Opts
             data: doc(docs, &format!("completions/{NAME}.fish")),
         },
     ];
+    if fmt == Format::Deb {
+        // Never a conffile (a config 1.0.3 wrote would make dpkg prompt):
+        // postinst copies the template to /etc when no config exists.
+        v.push(Item { dest: format!("/usr/share/{NAME}/config.json"), mode: 0o644, data: config_json(opts)? });
+    } else {
+        // rpm: %config(noreplace); apk: /etc is protected.
+        v.push(Item { dest: format!("/etc/{NAME}/config.json"), mode: 0o600, data: config_json(opts)? });
+    }
     match fmt {
         Format::Deb => {
             // The LSB script runs under sysvinit and under Debian's OpenRC;
@@ -567,6 +577,7 @@ fn build_rpm(opts: &Opts, bin: &[u8], docs: &[(String, Vec<u8>)]) -> Result<Path
         (format!("/etc/{NAME}"), 0o700),
         (format!("/var/lib/{NAME}"), 0o700),
         (format!("/var/log/{NAME}"), 0o750),
+        (format!("/usr/lib/{NAME}"), 0o755),
         ("/usr/share/zsh".to_string(), 0o755),
         ("/usr/share/zsh/site-functions".to_string(), 0o755),
         ("/usr/share/fish".to_string(), 0o755),
@@ -631,6 +642,7 @@ fn build_tarball(opts: &Opts, bin: &[u8], docs: &[(String, Vec<u8>)]) -> Result<
         apk::Entry::file(&format!("{dir}/install.sh"), 0o755, read_pkg("common/install.sh")?),
         apk::Entry::file(&format!("{dir}/uninstall.sh"), 0o755, read_pkg("common/uninstall.sh")?),
         apk::Entry::file(&format!("{dir}/offline.sh"), 0o644, read_pkg("common/offline.sh")?),
+        apk::Entry::file(&format!("{dir}/takeover.sh"), 0o755, read_pkg("common/takeover.sh")?),
         apk::Entry::file(&format!("{dir}/config.json"), 0o600, config_json(opts)?),
     ];
     for f in ["xcp-vm-agent.service", "xcp-vm-agent.logrotate"] {

@@ -18,6 +18,7 @@ mod pkgtest;
 mod repo;
 mod repotest;
 mod setup;
+mod takeover;
 mod test;
 mod util;
 mod vm;
@@ -41,6 +42,8 @@ Tasks:
            config) for --seconds N each (docs/fuzzing.md)
   mutants  mutation testing (cargo-mutants) of the agent's pure core modules;
            `--file PATH` for one file; writes target/mutants/summary.md
+  pkgtest  the packaging tier of `test` alone (--takeover-only: only the checks of
+           installing over the Python agent 1.0.3; root)
   setup    install the system packages and Rust targets the tasks need
   offline-test  install.sh --root / --image and uninstall.sh --root into Debian trees
            and disk images, links compared with systemctl, update-rc.d, rc-update (root)
@@ -70,6 +73,7 @@ fn main() {
         "catalogue" => catalogue::run(rest),
         "offline-test" => offlinetest::run(rest),
         "vm-cloud" => cloudimg::run(rest),
+        "pkgtest" => pkgtest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

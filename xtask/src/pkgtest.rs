@@ -1,6 +1,6 @@
-//! The packaging checks (`cargo xtask test`, tier "packaging checks"; also
-//! `cargo xtask pkgtest` is not a task: run `cargo xtask test` or call
-//! [`run`]). Offline, root for the chroot parts.
+//! The packaging checks (`cargo xtask test`, tier "packaging checks"; alone:
+//! `cargo xtask pkgtest [--takeover-only]`). Offline, root for the chroot
+//! parts. The takeover from the Python agent 1.0.3 is in [`crate::takeover`].
 //!
 //! In order: shellcheck on every shell script; `systemd-analyze verify` on
 //! the unit; the APK checker proven on Alpine's own package and on broken
@@ -28,9 +28,11 @@ use std::time::Instant;
 const SUITE: &str = "bookworm";
 /// Packages the chroot gets on top of minbase: what our .deb depends on.
 const CHROOT_INCLUDE: &str = "cloud-guest-utils,parted,gdisk,e2fsprogs,xfsprogs,logrotate";
-const TEST_URL: &str = "https://mgmt.example.invalid:8443";
+/// The takeover chroots: a systemd distribution, as 1.0.3 supports only those.
+const CHROOT_INCLUDE_SYSTEMD: &str = "cloud-guest-utils,parted,gdisk,e2fsprogs,xfsprogs,logrotate,systemd";
+pub(crate) const TEST_URL: &str = "https://mgmt.example.invalid:8443";
 
-fn work() -> PathBuf {
+pub(crate) fn work() -> PathBuf {
     root().join("target/pkgtest")
 }
 
@@ -50,9 +52,18 @@ const SCRIPTS: &[&str] = &[
     "apk/post-install",
     "apk/post-upgrade",
     "apk/pre-deinstall",
+    "common/takeover.sh",
+    "../vm-tests/fixtures/python-agent-1.0.3/install-agent.sh",
 ];
 
 pub fn run(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("cargo xtask pkgtest [--takeover-only]\n  the packaging tier of cargo xtask test; --takeover-only: build the packages once and run only the checks of installing over the Python agent 1.0.3 (root)");
+        return Ok(());
+    }
+    if args.iter().any(|a| a == "--takeover-only") {
+        return takeover_only();
+    }
     run_tier(args).map(|_| ())
 }
 
@@ -142,10 +153,34 @@ pub fn run_tier(_args: &[String]) -> Result<bool> {
     rpm_lifecycle(&base, &rpm, &n1.out.join(dist::rpm_name(&next)), &cfg1)?;
     step("packaging: install.sh / uninstall.sh in a chroot, per init system");
     tarball_install(&base, &tgz, &version)?;
+    step("packaging: taking over from the Python agent 1.0.3 (stand-in layout, systemd chroots)");
+    let sd = chroot_base_systemd()?;
+    crate::takeover::run(&sd, &deb, &rpm, &apk, &tgz, &version)?;
 
     write_figures(&n, &bin, target, &exposure)?;
     step(&format!("packaging checks passed in {:.0} s", t0.elapsed().as_secs_f64()));
     Ok(true)
+}
+
+fn takeover_only() -> Result<()> {
+    ensure!(is_root(), "the takeover checks need root (chroots)");
+    let epoch = dist::source_date_epoch()?;
+    let (bin, _) = dist::build_binary(epoch)?;
+    let version = dist::workspace_version()?;
+    let n = Opts { version: version.clone(), epoch, out: work().join("n"), config: None };
+    if n.out.exists() {
+        std::fs::remove_dir_all(&n.out)?;
+    }
+    dist::package_all(&n, &bin)?;
+    let sd = chroot_base_systemd()?;
+    crate::takeover::run(
+        &sd,
+        &n.out.join(dist::deb_name(&version)),
+        &n.out.join(dist::rpm_name(&version)),
+        &n.out.join(dist::apk_name(&version)),
+        &n.out.join(dist::tarball_name(&version)),
+        &version,
+    )
 }
 
 fn next_version(v: &str) -> String {
@@ -285,7 +320,7 @@ pub(crate) fn in_chroot(dir: &Path, script: &str) -> Result<String> {
 
 /// Processes whose root directory is inside `dir` (a service started where
 /// it must not be).
-fn processes_in(dir: &Path) -> Vec<String> {
+pub(crate) fn processes_in(dir: &Path) -> Vec<String> {
     let want = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut found = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
@@ -408,6 +443,13 @@ pub(crate) fn chroot_base() -> Result<PathBuf> {
     Ok(tar)
 }
 
+/// The cached Debian chroot with systemd (the takeover scenarios).
+fn chroot_base_systemd() -> Result<PathBuf> {
+    let tar = work().join(format!("debian-{SUITE}-systemd.tar"));
+    util::debian_tarball(&tar, SUITE, CHROOT_INCLUDE_SYSTEMD, "packaging (systemd)")?;
+    Ok(tar)
+}
+
 /// A fresh copy of the chroot in target/pkgtest/NAME.
 pub(crate) fn fresh_chroot(base: &Path, name: &str) -> Result<PathBuf> {
     let dir = work().join(name);
@@ -465,7 +507,7 @@ fn diff(before: &std::collections::BTreeSet<String>, after: &std::collections::B
     v
 }
 
-fn copy_in(dir: &Path, file: &Path) -> Result<String> {
+pub(crate) fn copy_in(dir: &Path, file: &Path) -> Result<String> {
     let name = file.file_name().unwrap().to_string_lossy().into_owned();
     std::fs::copy(file, dir.join("tmp").join(&name))?;
     Ok(format!("/tmp/{name}"))
@@ -492,11 +534,16 @@ fn deb_lifecycle(base: &Path, deb: &Path, deb1: &Path, v: &str, v1: &str) -> Res
         ),
     )?;
     ensure!(check.contains(&format!("{v} install ok installed")), "not installed: {check}");
-    ensure!(check.contains(&format!("/etc/{NAME}/config.json")), "config.json is not a conffile: {check}");
+    ensure!(
+        !check.lines().any(|l| l.starts_with(&format!(" /etc/{NAME}/config.json "))),
+        "config.json is a dpkg conffile (a config 1.0.3 wrote would make dpkg prompt): {check}"
+    );
     for want in ["755 /usr/bin/", "600 /etc/", "700 /var/lib/", "750 /var/log/"] {
         ensure!(check.contains(want), "wrong mode, want {want:?}: {check}");
     }
-    eprintln!("    installed {v}: files, conffile, modes, systemd enablement and rc.d links in place; nothing started");
+    eprintln!(
+        "    installed {v}: files, config made from the template (not a conffile), modes, systemd enablement and rc.d links in place; nothing started"
+    );
 
     // The administrator edits the config; the agent writes state and logs.
     in_chroot(
@@ -508,15 +555,18 @@ fn deb_lifecycle(base: &Path, deb: &Path, deb1: &Path, v: &str, v1: &str) -> Res
              echo log > /var/log/{NAME}/agent.log"
         ),
     )?;
-    in_chroot(&dir, &format!("dpkg --force-confdef --force-confold -i {p1}"))?;
+    in_chroot(&dir, &format!("dpkg -i {p1}"))?;
     let up = in_chroot(
         &dir,
-        &format!("dpkg-query -W -f='${{Version}}\\n' {NAME}; cat /etc/{NAME}/config.json; ls /etc/{NAME}/"),
+        &format!(
+            "dpkg-query -W -f='${{Version}}\\n' {NAME}; cat /etc/{NAME}/config.json; ls /etc/{NAME}/
+             grep -q log_level /usr/share/{NAME}/config.json"
+        ),
     )?;
     ensure!(up.starts_with(v1), "upgrade to {v1} did not happen: {up}");
     ensure!(up.contains(TEST_URL), "the edited config did not survive the upgrade: {up}");
-    ensure!(up.contains("config.json.dpkg-dist"), "the new default config was not written as .dpkg-dist: {up}");
-    eprintln!("    upgraded to {v1}: edited config kept, new default in config.json.dpkg-dist");
+    ensure!(!up.contains("log_level"), "the upgrade replaced the edited config: {up}");
+    eprintln!("    upgraded to {v1} with stdin closed, no prompt: edited config kept, new default in /usr/share/{NAME}/config.json");
 
     in_chroot(&dir, &format!("dpkg -r {NAME}"))?;
     let rm = in_chroot(&dir, &format!("test ! -e /usr/bin/{NAME}; cat /etc/{NAME}/config.json; ls /var/lib/{NAME}"))?;
