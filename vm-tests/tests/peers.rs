@@ -17,7 +17,7 @@ fn checkin_body(vm: &str) -> Value {
         "identity": {"vm_uuid": vm, "source": "dmi", "hostname": "h", "os": {}, "kernel": "k", "hypervisor": "kvm"},
         "capabilities": ["RunScript"],
         "metrics": {"cpu_usage_percent": 1.0, "memory_usage_percent": 2.0, "memory_used_kb": 1, "memory_total_kb": 2,
-                    "memory_available_kb": 1, "uptime_seconds": 3.0, "load_average": [0.0, 0.0, 0.0], "process_count": 9},
+                    "memory_available_kb": 1, "uptime_seconds": 3, "load_average": 0.0, "load_average_5m": 0.0, "load_average_15m": 0.0, "process_count": 9},
         "network": [], "wait_seconds": 0, "pending_results": 0
     })
 }
