@@ -64,8 +64,12 @@ impl Vm {
             .args(["-append", s.append]);
         for d in s.disks {
             let fmt = if d.path.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+            // FILES is shared by every VM of a run: read-only, so QEMU takes
+            // a shared lock (with two images at once the second QEMU failed
+            // "Failed to get \"write\" lock").
+            let ro = if d.serial == "FILES" { ",readonly=on" } else { "" };
             cmd.arg("-drive")
-                .arg(format!("file={},if=none,id={},format={fmt}", d.path.display(), d.id))
+                .arg(format!("file={},if=none,id={},format={fmt}{ro}", d.path.display(), d.id))
                 .args(["-device", &format!("virtio-blk-pci,drive={},serial={}", d.id, d.serial)]);
         }
         // guestfwd to a `tcp:` chardev is ONE connection, opened when QEMU
