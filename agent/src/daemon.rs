@@ -31,6 +31,21 @@ pub const REQUEST_BUDGET: usize = 1 << 20;
 /// Results requests made before a check-in, so a long spool does not delay
 /// it; the rest go after it.
 const REQUESTS_BEFORE_CHECKIN: usize = 4;
+/// How many results from the start of `rs` go in one request: up to 16,
+/// within [`REQUEST_BUDGET`], at least one.
+fn batch_len(rs: &mut dyn Iterator<Item = &JobResult>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for r in rs.take(16) {
+        bytes += serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0);
+        if n > 0 && bytes > REQUEST_BUDGET {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// How a result the server refused for good begins once replaced.
 const REFUSED_NOTE: &str = "the server refused this job's result for good";
 
@@ -210,25 +225,37 @@ impl Agent {
 
     /// Send spooled results (and those that could not be spooled), at most
     /// `max_requests` requests of at most [`REQUEST_BUDGET`] bytes each;
-    /// drop those the server acknowledged. A result the server refuses for
-    /// good is replaced by a small `failed` result saying why, and if that
-    /// is refused too it is dropped (logged), so the spool always drains.
+    /// drop those the server acknowledged. A batch refused for good is sent
+    /// again one result at a time; a result refused for good is replaced by
+    /// a small `failed` note saying why, dropped only once the note is
+    /// acknowledged, so the spool drains and no result is lost to a server
+    /// that refuses everything.
     pub fn deliver_results(&mut self, max_requests: usize) -> Result<usize> {
         let mut delivered = 0;
         let mut requests = 0;
-        if !self.unspooled.is_empty() {
-            let batch: Vec<JobResult> = self.unspooled.iter().take(16).cloned().collect();
+        while !self.unspooled.is_empty() && requests < max_requests {
+            let n = batch_len(&mut self.unspooled.iter());
             requests += 1;
-            match self.send(batch.clone()) {
-                Ok(ours) => {
-                    delivered += ours.len();
-                    self.unspooled.retain(|r| !ours.contains(&r.job_id));
-                }
+            let batch: Vec<JobResult> = self.unspooled[..n].to_vec();
+            let ours = match self.send(batch.clone()) {
+                Ok(ours) => ours,
                 Err(e) if is_final_refusal(&e) => {
-                    tracing::error!("results that could not be spooled were refused for good, dropped: {e:#}");
-                    self.unspooled.retain(|r| !batch.iter().any(|b| b.job_id == r.job_id));
+                    for r in &batch {
+                        requests += 1;
+                        self.deliver_alone(r)?;
+                        self.unspooled_done(&r.job_id)?;
+                        delivered += 1;
+                    }
+                    continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.context("delivering job results")),
+            };
+            for id in &ours {
+                self.unspooled_done(id)?;
+            }
+            delivered += ours.len();
+            if ours.len() < n {
+                bail!("the server acknowledged {} of {n} results; the rest are sent again", ours.len());
             }
         }
         if crate::guest::freeze::blocks(&self.cfg.state_dir) {
@@ -237,46 +264,45 @@ impl Agent {
         let pending = self.state.pending();
         let mut i = 0;
         while i < pending.len() && requests < max_requests {
-            let mut batch: Vec<&Spooled> = Vec::new();
-            let mut bytes = 0;
-            while i < pending.len() && batch.len() < 16 {
-                let n = serde_json::to_vec(&pending[i].result).map(|v| v.len()).unwrap_or(0);
-                if !batch.is_empty() && bytes + n > REQUEST_BUDGET {
-                    break;
-                }
-                bytes += n;
-                batch.push(&pending[i]);
-                i += 1;
-            }
+            let batch: Vec<&Spooled> =
+                pending[i..i + batch_len(&mut pending[i..].iter().map(|s| &s.result))].iter().collect();
+            i += batch.len();
             requests += 1;
-            match self.send(batch.iter().map(|s| s.result.clone()).collect()) {
-                Ok(ours) => {
-                    let done: Vec<&Spooled> =
-                        batch.iter().copied().filter(|s| ours.contains(&s.result.job_id)).collect();
-                    delivered += done.len();
-                    self.state.acknowledge(&done)?;
-                    if done.len() < batch.len() {
-                        bail!(
-                            "the server acknowledged {} of {} results; the rest stay in the spool",
-                            done.len(),
-                            batch.len()
-                        );
-                    }
-                }
+            let done: Vec<&Spooled> = match self.send(batch.iter().map(|s| s.result.clone()).collect()) {
+                Ok(ours) => batch.iter().copied().filter(|s| ours.contains(&s.result.job_id)).collect(),
                 Err(e) if is_final_refusal(&e) => {
                     // Find the culprit: one by one, each refused one replaced.
-                    for s in batch {
+                    for s in &batch {
                         requests += 1;
-                        delivered += self.deliver_alone(s)?;
+                        self.deliver_alone(&s.result)?;
+                        self.state.acknowledge(&[s])?;
+                        delivered += 1;
                     }
+                    continue;
                 }
                 Err(e) => return Err(e.context("delivering job results")),
+            };
+            delivered += done.len();
+            self.state.acknowledge(&done)?;
+            if done.len() < batch.len() {
+                bail!("the server acknowledged {} of {} results; the rest stay in the spool", done.len(), batch.len());
             }
         }
         if delivered > 0 {
             tracing::info!(delivered, "job results delivered");
         }
         Ok(delivered)
+    }
+
+    /// A result kept in memory was delivered: forget it, and drop the
+    /// running marker that spooling it would have removed (or a restart
+    /// would report the job `interrupted` as well).
+    fn unspooled_done(&mut self, id: &str) -> Result<()> {
+        self.unspooled.retain(|r| r.job_id != id);
+        if crate::guest::freeze::blocks(&self.cfg.state_dir) {
+            return Ok(()); // an unlink would wait for the thaw; settle() spools it and drops the marker
+        }
+        self.state.drop_marker(id)
     }
 
     /// Send one result; ids the server acknowledged.
@@ -287,49 +313,37 @@ impl Agent {
         Ok(ack.acknowledged.into_iter().filter(|id| ids.contains(id)).collect())
     }
 
-    /// Deliver one spooled result; when the server refuses it for good,
-    /// replace it by a small `failed` result saying why and send that.
-    fn deliver_alone(&mut self, s: &Spooled) -> Result<usize> {
-        let e = match self.send(vec![s.result.clone()]) {
-            Ok(ours) if !ours.is_empty() => {
-                self.state.acknowledge(&[s])?;
-                return Ok(1);
-            }
-            Ok(_) => bail!("the server did not acknowledge the result of job {}", s.result.job_id),
+    /// Deliver one result of a batch refused for good (`why`): Ok once the
+    /// server acknowledged it or, when it refuses it for good too, a small
+    /// `failed` note in its place. Nothing on disk changes here: when the
+    /// note is refused too (the whole endpoint refuses: a wrong URL, a 404
+    /// for every path), the result is kept and sent again next cycle.
+    fn deliver_alone(&mut self, res: &JobResult) -> Result<()> {
+        let e = match self.send(vec![res.clone()]) {
+            Ok(ours) if !ours.is_empty() => return Ok(()),
+            Ok(_) => bail!("the server did not acknowledge the result of job {}", res.job_id),
             Err(e) if is_final_refusal(&e) => e,
             Err(e) => return Err(e.context("delivering job results")),
         };
-        let size = serde_json::to_vec(&s.result).map(|v| v.len()).unwrap_or(0);
-        tracing::error!(job = %s.result.job_id, "the server refused this result for good ({e:#}); replacing it by a note");
+        let size = serde_json::to_vec(res).map(|v| v.len()).unwrap_or(0);
+        tracing::error!(job = %res.job_id, "the server refused this result for good ({e:#}); sending a note instead");
         let mut r = JobResult::failed(format!(
             "{REFUSED_NOTE} ({e:#}); the agent's result (status {}, {size} bytes of JSON) was replaced by this note",
-            s.result.status.as_str()
+            res.status.as_str()
         ))
-        .with_details(json!({"original_status": s.result.status.as_str(), "original_bytes": size}));
-        r.job_id = s.result.job_id.clone();
-        r.operation = s.result.operation.clone();
-        r.started_at = s.result.started_at;
-        r.finished_at = s.result.finished_at;
-        r.duration_ms = s.result.duration_ms;
-        if s.result.message.starts_with(REFUSED_NOTE) {
-            // Already the note: nothing smaller to send.
-            tracing::error!(job = %r.job_id, "the server refused the note too; dropping the result");
-            self.state.acknowledge(&[s])?;
-            return Ok(0);
-        }
-        self.state.replace(s, &r)?;
+        .with_details(json!({"original_status": res.status.as_str(), "original_bytes": size}));
+        r.job_id = res.job_id.clone();
+        r.operation = res.operation.clone();
+        r.started_at = res.started_at;
+        r.finished_at = res.finished_at;
+        r.duration_ms = res.duration_ms;
         match self.send(vec![r]) {
-            Ok(ours) if !ours.is_empty() => {
-                self.state.acknowledge(&[s])?;
-                Ok(1)
-            }
-            Ok(_) => bail!("the server did not acknowledge the result of job {}", s.result.job_id),
-            Err(e) if is_final_refusal(&e) => {
-                tracing::error!(job = %s.result.job_id, "the server refused the note too ({e:#}); dropping the result");
-                self.state.acknowledge(&[s])?;
-                Ok(0)
-            }
-            Err(e) => Err(e.context("delivering job results")),
+            Ok(ours) if !ours.is_empty() => Ok(()),
+            Ok(_) => bail!("the server did not acknowledge the result of job {}", res.job_id),
+            Err(e) => Err(e.context(format!(
+                "the note replacing the refused result of job {} failed; the result is kept",
+                res.job_id
+            ))),
         }
     }
 
@@ -466,6 +480,8 @@ impl Agent {
     /// One cycle. Returns how many jobs arrived. Result delivery failing
     /// does not keep the check-in from happening.
     pub fn cycle(&mut self, wait_seconds: u64) -> Result<usize> {
+        // Orphans of an earlier script that ended after it.
+        jobs::run_script::reap_orphans(0);
         if self.recovery_due {
             match self.state.recover_interrupted() {
                 Ok(n) => {

@@ -670,9 +670,11 @@ impl Https {
     fn send(&self, c: &mut Conn, req: &[u8]) -> Result<Sent> {
         let t = self.timeouts;
         let tls = c.io.get_mut();
-        tls.sock.set(t.send);
+        // Plus a second per 16 KiB: 1 MiB of results gets through at 128 kbit/s.
+        let send = t.send + Duration::from_millis(req.len() as u64 / 16);
+        tls.sock.set(send);
         if let Err(e) = tls.write_all(req).and_then(|_| tls.flush()) {
-            return Ok(Sent::Closed(io_err(e, "sending the request", t.send)));
+            return Ok(Sent::Closed(io_err(e, "sending the request", send)));
         }
         tls.sock.set(t.head);
         match c.io.fill_buf() {
@@ -1002,6 +1004,9 @@ mod tests {
         TrickleBody,
         /// Send the head one byte every 200 ms.
         TrickleHead,
+        /// Read the body at about 1.6 MB/s (a 4 KiB receive buffer), then
+        /// answer 200 with an empty body.
+        SlowRead,
     }
 
     struct Server {
@@ -1012,6 +1017,9 @@ mod tests {
 
     fn server(pki: &Pki, act: Act) -> Server {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        if let Act::SlowRead = act {
+            nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+        }
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
         let reqs = Arc::new(Mutex::new(Vec::new()));
@@ -1041,6 +1049,17 @@ mod tests {
                             .map(|v| v.parse().unwrap())
                             .unwrap_or(0);
                         let mut body = vec![0; len];
+                        if let Act::SlowRead = act {
+                            for chunk in body.chunks_mut(16 << 10) {
+                                std::thread::sleep(Duration::from_millis(10));
+                                if s.read_exact(chunk).is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = s.get_mut().write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                            let _ = s.get_mut().flush();
+                            continue;
+                        }
                         s.read_exact(&mut body).unwrap();
                         reqs.lock().unwrap().push(head);
                         let w = s.get_mut();
@@ -1050,6 +1069,7 @@ mod tests {
                                 let _ = w.flush();
                                 return;
                             }
+                            Act::SlowRead => {}
                             Act::Echo | Act::EchoThenDrop | Act::EchoThenExtra => {
                                 let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
                                 let _ = w.write_all(&body);
@@ -1153,6 +1173,30 @@ mod tests {
         let Err(Failure::Reach(e)) = post(&c, "{}") else { panic!("a silent peer cannot complete a handshake") };
         assert!(t0.elapsed() < Duration::from_millis(2500), "{:?}", t0.elapsed());
         assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
+    }
+
+    /// Found in review: the whole request had `send` (30 s) whatever its
+    /// size, so a 1 MiB results request failed for ever below about 280
+    /// kbit/s of upload. The deadline now grows by a second per 16 KiB.
+    #[test]
+    fn a_large_request_on_a_slow_link_gets_time_in_proportion() {
+        let p = pki();
+        let s = server(&p, Act::SlowRead);
+        let one = Duration::from_secs(1);
+        let c = Https::new(
+            Target::parse(&format!("https://127.0.0.1:{}", s.addr.port())).unwrap(),
+            None,
+            p.client.clone(),
+            "t".into(),
+            // The head's deadline covers what the peer still has to read.
+            Timeouts { connect: one, send: one, head: Duration::from_secs(10), body: one },
+        )
+        .unwrap();
+        let body = vec![b' '; 4 << 20];
+        let t0 = Instant::now();
+        let r = c.post("/api", "application/json", &body, 1 << 20);
+        assert!(t0.elapsed() > Duration::from_millis(1500), "the peer read too fast to test: {:?}", t0.elapsed());
+        assert_eq!(r.map_err(|e| format!("{e:?}")).map(|a| a.0), Ok(200), "after {:?}", t0.elapsed());
     }
 
     fn client(pki: &Pki, url: &str, proxy: Option<Proxy>) -> Https {

@@ -105,17 +105,22 @@ fn fsync_dir(p: &Path) -> Result<()> {
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data).and_then(|_| f.sync_all()))
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|_| {
+            fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        });
+    if written.is_err() {
+        // A partial temporary file would hold the space a full disk lacks.
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    written?;
     fsync_dir(dir)
 }
 
@@ -203,12 +208,16 @@ impl State {
         if self.is_seen(id) {
             return Ok(());
         }
-        self.remember(id.to_string());
+        // Written first, remembered after: an id whose write failed is
+        // written again the next time.
         let p = self.dir.join("seen-jobs");
         if self.seen_lines_on_disk >= 2 * SEEN_LIMIT {
-            let text: String = self.seen.iter().map(|s| format!("{}\n", seen_line(s))).collect();
+            // The newest SEEN_LIMIT ids, this one included.
+            let ids = self.seen.iter().map(String::as_str).chain([id]);
+            let text: String =
+                ids.skip((self.seen.len() + 1).saturating_sub(SEEN_LIMIT)).map(|s| seen_line(s) + "\n").collect();
             write_atomic(&p, text.as_bytes())?;
-            self.seen_lines_on_disk = self.seen.len();
+            self.seen_lines_on_disk = SEEN_LIMIT.min(self.seen.len() + 1);
         } else {
             let mut f = OpenOptions::new()
                 .append(true)
@@ -221,6 +230,7 @@ impl State {
                 .with_context(|| format!("cannot write {}", p.display()))?;
             self.seen_lines_on_disk += 1;
         }
+        self.remember(id.to_string());
         Ok(())
     }
 
@@ -248,10 +258,10 @@ impl State {
         remove_durably(&self.marker_path(&result.job_id))
     }
 
-    /// Replace a spooled result (the server refused it for good) by another.
-    pub fn replace(&mut self, spooled: &Spooled, result: &JobResult) -> Result<()> {
-        let bounded = result.clone().bounded(RESULT_MAX_BYTES);
-        write_atomic(&spooled.path, &serde_json::to_vec(&bounded)?)
+    /// Drop a job's running marker (durably): its result, which could not
+    /// be spooled, was delivered from memory.
+    pub fn drop_marker(&self, id: &str) -> Result<()> {
+        remove_durably(&self.marker_path(id))
     }
 
     /// Turn the running markers of a previous life into `interrupted` results.
@@ -618,22 +628,6 @@ mod tests {
     }
 
     #[test]
-    fn replace_rewrites_the_spooled_result() {
-        let d = tempfile::tempdir().unwrap();
-        let mut s = State::open(d.path()).unwrap();
-        let mut r = JobResult::succeeded("first");
-        r.job_id = "r1".into();
-        s.finish(&r).unwrap();
-        let sp = s.pending().remove(0);
-        let mut r2 = JobResult::failed("second");
-        r2.job_id = "r1".into();
-        s.replace(&sp, &r2).unwrap();
-        let p = s.pending();
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].result.message, "second");
-    }
-
-    #[test]
     fn a_spooled_result_wins_over_an_unreadable_marker() {
         // A long id gets a hashed file name; when its marker cannot be read
         // the id is unknown, so the marker's file name must find the result.
@@ -676,5 +670,31 @@ mod tests {
         fs::create_dir(d.path().join("spool/dir.json")).unwrap();
         let dir = Spooled { path: d.path().join("spool/dir.json"), result: JobResult::succeeded("x") };
         assert!(s.acknowledge(&[&dir]).is_err());
+    }
+
+    /// Failed before: the id was remembered before the write, so a write of
+    /// `seen-jobs` that failed was never done again and a restart forgot
+    /// the job (it could run twice).
+    #[test]
+    fn a_seen_id_whose_write_failed_is_written_the_next_time() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        // A directory where the file goes: every write of it fails.
+        fs::create_dir(d.path().join("seen-jobs")).unwrap();
+        assert!(s.begin(&job("s1")).is_err());
+        fs::remove_dir(d.path().join("seen-jobs")).unwrap();
+        s.begin(&job("s1")).unwrap();
+        drop(s);
+        assert!(State::open(d.path()).unwrap().is_seen("s1"), "s1 is not in seen-jobs");
+    }
+
+    /// Failed before: a failed write left its partial temporary file.
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temporary_file() {
+        let d = tempfile::tempdir().unwrap();
+        // The rename fails (a non-empty directory is in the way).
+        fs::create_dir_all(d.path().join("x.json/sub")).unwrap();
+        assert!(write_atomic(&d.path().join("x.json"), b"data").is_err());
+        assert!(!d.path().join(".x.json.tmp").exists(), "the temporary file is left");
     }
 }

@@ -150,25 +150,36 @@ impl Drop for Subreaper {
     }
 }
 
-/// (pid, parent pid) of every live process, from /proc.
-fn process_table() -> Vec<(i32, i32)> {
+/// (pid, parent pid, process group, zombie) of every process, from /proc.
+fn process_table() -> Vec<(i32, i32, i32, bool)> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
         let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
         let mut f = rest.split_whitespace();
-        let state = f.next().unwrap_or("");
-        if state == "Z" || state == "X" {
-            // Already dead: nothing to kill, only to reap.
-            continue;
-        }
-        if let Some(ppid) = f.next().and_then(|p| p.parse().ok()) {
-            v.push((pid, ppid));
+        let dead = matches!(f.next(), Some("Z" | "X"));
+        if let (Some(Ok(ppid)), Some(Ok(pgrp))) = (f.next().map(str::parse), f.next().map(str::parse)) {
+            v.push((pid, ppid, pgrp, dead));
         }
     }
     v
+}
+
+/// Reap the zombies among this process's children outside its own process
+/// group, but `keep`: orphans of scripts that came back to the subreaper and
+/// ended by themselves (else each stays a zombie for ever). A command another
+/// thread runs stays in the agent's group and is waited for by its owner.
+pub fn reap_orphans(keep: i32) {
+    let me = std::process::id() as i32;
+    let group = nix::unistd::getpgrp().as_raw();
+    for (pid, ppid, pgrp, dead) in process_table() {
+        if dead && ppid == me && pgrp != group && pid != keep {
+            let _ =
+                nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+    }
 }
 
 fn has_token(pid: i32, token: &str) -> bool {
@@ -184,17 +195,16 @@ fn has_token(pid: i32, token: &str) -> bool {
 fn script_processes(bash: i32, token: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
     let table = process_table();
-    let mut set: Vec<i32> = table
-        .iter()
-        .filter(|(pid, ppid)| *pid == bash || (*ppid == me && has_token(*pid, token)))
-        .map(|(pid, _)| *pid)
-        .collect();
+    // Dead ones: nothing to kill, only to reap.
+    let live = || table.iter().filter(|p| !p.3);
+    let mut set: Vec<i32> =
+        live().filter(|p| p.0 == bash || (p.1 == me && has_token(p.0, token))).map(|p| p.0).collect();
     let mut i = 0;
     while i < set.len() {
         let parent = set[i];
-        for (pid, ppid) in &table {
-            if *ppid == parent && !set.contains(pid) {
-                set.push(*pid);
+        for &(pid, ppid, ..) in live() {
+            if ppid == parent && !set.contains(&pid) {
+                set.push(pid);
             }
         }
         i += 1;
@@ -202,18 +212,11 @@ fn script_processes(bash: i32, token: &str) -> Vec<i32> {
     set
 }
 
-/// Reap those of `pids` that are (now) this process's children, without
-/// touching any other child.
-fn reap(pids: &[i32]) {
-    use nix::sys::wait::{waitpid, WaitPidFlag};
-    for p in pids {
-        let _ = waitpid(nix::unistd::Pid::from_raw(*p), Some(WaitPidFlag::WNOHANG));
-    }
-}
-
 /// End every process the script started: SIGTERM, up to `grace` for them to
 /// go, then SIGKILL, again until none is left (a process may fork while we
-/// look). Returns how many distinct processes were signalled.
+/// look). `bash` while it is not reaped (never signalled after: its pid
+/// may be another process's by then), else 0. Returns how many distinct
+/// processes were signalled.
 fn kill_tree(bash: i32, token: &str, grace: Duration) -> usize {
     use nix::sys::signal::{kill, Signal};
     let pid = |p: i32| nix::unistd::Pid::from_raw(p);
@@ -226,14 +229,14 @@ fn kill_tree(bash: i32, token: &str, grace: Duration) -> usize {
     }
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        reap(&killed);
+        reap_orphans(bash);
         if script_processes(bash, token).is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     for _ in 0..100 {
-        reap(&killed);
+        reap_orphans(bash);
         let left = script_processes(bash, token);
         if left.is_empty() {
             break;
@@ -246,7 +249,7 @@ fn kill_tree(bash: i32, token: &str, grace: Duration) -> usize {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    reap(&killed);
+    reap_orphans(bash);
     killed.len()
 }
 
@@ -346,7 +349,8 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
     // collected for a short grace; whatever the script left running is then
     // ended, whether it holds the pipes or not.
     wait_pipes(Instant::now() + OUTPUT_GRACE);
-    let leftover = kill_tree(bash, &token, GRACE);
+    // bash is reaped: its pid may be another process's now.
+    let leftover = kill_tree(0, &token, GRACE);
     killed += leftover;
     // Pipes held only by what was just killed are at their end now.
     wait_pipes(Instant::now() + Duration::from_millis(500));
