@@ -111,13 +111,22 @@ root_detect_init() {
     fi
 }
 
-# Install FILE with MODE at PATH inside the target (atomically).
+# A new empty file of our own (mktemp: exclusive create, never a name the
+# image could have planted) in DIR, a directory already resolved in the tree.
+root_tmp() { # resolved-dir
+    mktemp "$1/.$NAME.XXXXXX" || die "cannot create a temporary file in ${1#"$R"}"
+}
+
+# Install FILE with MODE at PATH inside the target (atomically): written to
+# a file of our own next to it, then renamed over it.
 root_put() { # mode src path
     _dst=$(rpath "$3")
+    [ ! -d "$_dst" ] || die "${3} in the target is a directory: move it away and rerun"
     mkdir -p "$(dirname "$_dst")"
-    cp "$2" "$_dst.tmp.$$"
-    chmod "$1" "$_dst.tmp.$$"
-    mv -f "$_dst.tmp.$$" "$_dst"
+    _tmp=$(root_tmp "$(dirname "$_dst")")
+    cat "$2" >"$_tmp"
+    chmod "$1" "$_tmp"
+    mv -f "$_tmp" "$_dst"
 }
 
 # A service file with the binary path of the tarball install.
@@ -142,6 +151,15 @@ json_set() { # file key value
     if [ "$(tr -d ' \t\r\n' <"$1")" = "{}" ]; then
         printf '{\n  "%s": %s\n}\n' "$2" "$3" >"$1.new"
     elif grep -q "^[[:space:]]*\"$2\"[[:space:]]*:" "$1"; then
+        # A value that opens [ or { on this line and closes it on a later
+        # one (as jq . writes) cannot be replaced line by line.
+        _was=$(grep -m 1 "^[[:space:]]*\"$2\"[[:space:]]*:" "$1")
+        _was=${_was#*:}
+        case "$_was" in
+            *'['* | *'{'*)
+                case "$_was" in *']'* | *'}'*) ;; *) die "cannot set $2 in the target's config.json: its value spans several lines; put it on one line (\"$2\": ...) in $OFF_CONF_DIR/config.json, or edit it by hand" ;; esac
+                ;;
+        esac
         sed "s|^\([[:space:]]*\)\"$2\"[[:space:]]*:.*[^,]\(,\{0,1\}\)[[:space:]]*$|\1\"$2\": $_v\2|" "$1" >"$1.new"
     elif grep -q "\"$2\"" "$1"; then
         die "cannot set $2 in the target's config.json: it is not on a line of its own; edit $OFF_CONF_DIR/config.json by hand"
@@ -193,14 +211,25 @@ root_takeover() {
         mv "$_opt" "$_bk/opt-$NAME"
         _moved="${_moved:+$_moved and }/opt/$NAME"
     fi
-    cat >"$_bk/README" <<README
+    # Copies of what stays in place (uninstall.sh --root removes it), links
+    # copied as links: nothing outside the tree is read.
+    _etc=$(rpath /etc/$NAME)
+    [ ! -d "$_etc" ] || cp -a "$_etc" "$_bk/etc-$NAME"
+    _log=$(rpath /var/log/$NAME/agent.log)
+    [ ! -f "$_log" ] || cp -a "$_log" "$_bk/agent.log"
+    cat >"$OFF_TMP/README" <<README
 Moved here by install.sh --root (offline, from the host) on $(date -u '+%Y-%m-%d %H:%M UTC')
 when it took over from the Python agent 1.0.3:
   $NAME.service   was /etc/systemd/system/$NAME.service (it ran /opt/$NAME)
   opt-$NAME       was /opt/$NAME
-Kept where they were: /etc/$NAME (config.json, certificates) and
-/var/log/$NAME/agent.log. The old service was disabled.
+  etc-$NAME       a copy of /etc/$NAME (config.json, certificates) as 1.0.3 left it
+  agent.log       a copy of /var/log/$NAME/agent.log as 1.0.3 left it
+/etc/$NAME and the log also stay where they were and are used by the new
+agent (install.sh may have set server_url and certificates in config.json);
+uninstall.sh --root removes them there, these copies stay. The old service
+was disabled.
 README
+    root_put 0644 "$OFF_TMP/README" "$_dest/README"
     _kept="/etc/$NAME/config.json (unchanged)"
     [ -d "$(rpath /etc/$NAME)" ] || _kept="no /etc/$NAME"
     _log=$(rpath /var/log/$NAME/agent.log)
@@ -224,7 +253,9 @@ root_config() {
     if [ -n "$SERVER_CERT" ]; then
         root_put 0644 "$SERVER_CERT" "$OFF_CONF_DIR/ca-cert.pem"
     fi
-    _c=$_cd/config.json
+    # The file itself resolved in the tree: a link planted at config.json
+    # must not lead to a host file.
+    _c=$(rpath "$OFF_CONF_DIR/config.json")
     if [ -f "$_c" ]; then
         cp -p "$_c" "$OFF_TMP/config.json"
     else
@@ -237,6 +268,10 @@ root_config() {
     fi
     if [ -n "$SERVER_CERT" ]; then
         json_set "$OFF_TMP/config.json" server_cert "\"$OFF_CONF_DIR/ca-cert.pem\""
+    fi
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$OFF_TMP/config.json" 2>"$OFF_TMP/json.err" \
+            || die "the edited config.json would not be valid JSON ($(tail -n 1 "$OFF_TMP/json.err")): $OFF_CONF_DIR/config.json is left as it was; fix it by hand and rerun"
     fi
     if [ -f "$_c" ] && [ "$(cat "$OFF_TMP/config.json")" = "$_old" ]; then
         say "config: $OFF_CONF_DIR/config.json already says this, left as it was"
@@ -316,9 +351,10 @@ root_service() {
             if ! grep -qF "$OFF_MARK" "$_rc"; then
                 _line="$OFF_BIN --config $OFF_CONF_DIR/config.json run >>/var/log/$NAME/console.log 2>\&1 \& $OFF_MARK"
                 if grep -q '^exit 0' "$_rc"; then
-                    sed "0,/^exit 0/s||$_line\nexit 0|" "$_rc" >"$_rc.tmp.$$"
-                    cat "$_rc.tmp.$$" >"$_rc"
-                    rm -f "$_rc.tmp.$$"
+                    _t=$(root_tmp "$(dirname "$_rc")")
+                    sed "0,/^exit 0/s||$_line\nexit 0|" "$_rc" >"$_t"
+                    cat "$_t" >"$_rc"
+                    rm -f "$_t"
                 else
                     printf '%s\n' "$OFF_BIN --config $OFF_CONF_DIR/config.json run >>/var/log/$NAME/console.log 2>&1 & $OFF_MARK" >>"$_rc"
                 fi
@@ -434,9 +470,10 @@ root_uninstall() {
     fi
     _rc=$(rpath /etc/rc.local)
     if [ -f "$_rc" ] && grep -qF "$OFF_MARK" "$_rc"; then
-        grep -vF "$OFF_MARK" "$_rc" >"$_rc.tmp.$$" || true
-        cat "$_rc.tmp.$$" >"$_rc"
-        rm -f "$_rc.tmp.$$"
+        _t=$(root_tmp "$(dirname "$_rc")")
+        grep -vF "$OFF_MARK" "$_rc" >"$_t" || true
+        cat "$_t" >"$_rc"
+        rm -f "$_t"
         say "removed the line from /etc/rc.local"
     fi
     rm -f "$(rpath "$OFF_BIN")" "$(rpath /usr/local/share/man/man8/$NAME.8)" "$(rpath /etc/logrotate.d/$NAME)"
@@ -470,11 +507,19 @@ OFF_FUSE=""
 OFF_WORK=""
 OFF_LVM_CFG='devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }'
 
+# OFF_MOUNTS: one mount point a line, innermost first (TMPDIR may have spaces).
 image_cleanup() {
     set +e
-    for _m in $OFF_MOUNTS; do
-        umount "$_m" 2>/dev/null || umount -l "$_m" || say "warning: could not unmount $_m"
-    done
+    _busy=0
+    while IFS= read -r _m; do
+        [ -n "$_m" ] || continue
+        umount "$_m" 2>/dev/null || umount -l "$_m" || {
+            say "warning: could not unmount $_m"
+            _busy=1
+        }
+    done <<EOF
+$OFF_MOUNTS
+EOF
     OFF_MOUNTS=""
     for _l in $OFF_LOOPS; do
         partx -d "$_l" 2>/dev/null
@@ -494,12 +539,18 @@ image_cleanup() {
         done
         OFF_QSD=""
     fi
-    if [ -n "$OFF_FUSE" ] && grep -q " $OFF_FUSE fuse" /proc/mounts; then
+    if [ -n "$OFF_FUSE" ] && awk -v m="$OFF_FUSE" '{ gsub(/\\040/, " ", $5) } $5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; then
         umount "$OFF_FUSE" 2>/dev/null || umount -l "$OFF_FUSE"
     fi
     OFF_FUSE=""
     if [ -n "$OFF_WORK" ]; then
-        rm -rf "$OFF_WORK"
+        # Never remove while something is still mounted below (that would
+        # delete the image's files), and never cross into another filesystem.
+        if [ "$_busy" -eq 0 ]; then
+            rm -rf --one-file-system "$OFF_WORK" || say "warning: could not remove $OFF_WORK"
+        else
+            say "warning: $OFF_WORK is left in place: something is still mounted below it"
+        fi
         OFF_WORK=""
     fi
     if [ -n "${OFF_TMP:-}" ]; then rm -rf "$OFF_TMP"; fi
@@ -517,15 +568,19 @@ image_holders() {
 image_mount() { # device dir [options]
     mkdir -p "$2"
     mount -o "nodev,nosuid,noexec${3:+,$3}" "$1" "$2" || return 1
-    OFF_MOUNTS="$2 $OFF_MOUNTS"
+    OFF_MOUNTS="$2
+$OFF_MOUNTS"
 }
 
 image_umount() { # dir
     umount "$1"
     _keep=""
-    for _m in $OFF_MOUNTS; do
-        [ "$_m" = "$1" ] || _keep="$_keep $_m"
-    done
+    while IFS= read -r _m; do
+        [ -z "$_m" ] || [ "$_m" = "$1" ] || _keep="$_keep$_m
+"
+    done <<EOF
+$OFF_MOUNTS
+EOF
     OFF_MOUNTS=$_keep
 }
 
@@ -712,16 +767,38 @@ image_install() {
     # /usr, /var (and below) on filesystems of their own, from the image's fstab.
     _fstab=$(rpath /etc/fstab)
     if [ -f "$_fstab" ]; then
-        # shellcheck disable=SC2034 # the fields after the mount point are read to skip them
-        grep -v '^[[:space:]]*#' "$_fstab" | while read -r _spec _mp _rest; do
-            echo "$_spec $_mp"
+        # shellcheck disable=SC2034 # the fields after the options are read to skip them
+        grep -v '^[[:space:]]*#' "$_fstab" | while read -r _spec _mp _type _o _rest; do
+            [ -z "$_mp" ] || echo "$_spec $_mp ${_type:-auto} ${_o:-defaults}"
         done >"$OFF_WORK/fstab"
-        while read -r _spec _mp; do
-            case "$_mp" in /usr | /usr/* | /var | /var/* | /opt) ;; *) continue ;; esac
+        while read -r _spec _mp _type _o; do
+            case "$_mp" in /usr | /usr/* | /var | /var/* | /opt | /opt/*) ;; *) continue ;; esac
+            # Only what the installer writes below needs its filesystem.
+            _need=0
+            for _w in /usr/local/bin /usr/local/share /var/lib/$NAME /var/log/$NAME /var/backups /opt/$NAME; do
+                case "$_w/" in "${_mp%/}"/*) _need=1 ;; esac
+            done
+            if [ "$_need" -eq 0 ]; then
+                continue
+            fi
+            case ",$_o," in
+                *,bind,* | *,rbind,* | *,noauto,*)
+                    say "not mounting $_mp ($_o in the image's fstab)"
+                    continue
+                    ;;
+            esac
+            case "$_type" in
+                tmpfs | ramfs | nfs | nfs4 | cifs | smb3 | fuse | fuse.* | fuseblk | none | swap)
+                    say "not mounting $_mp ($_type in the image's fstab: nothing of the image's disk)"
+                    continue
+                    ;;
+            esac
             _dev=$(image_resolve "$_spec")
             [ -n "$_dev" ] || die "the image's /etc/fstab mounts $_mp from $_spec, which is not in $IMAGE (or cannot be read here): refusing to install into a root whose $_mp is elsewhere"
-            image_mount "$_dev" "$(rpath "$_mp")" || die "cannot mount $_dev on $_mp"
-            say "mounted $_spec on $_mp"
+            # btrfs: the same subvolume the guest mounts there.
+            _sv=$(echo "$_o" | tr ',' '\n' | grep -E '^(subvol|subvolid)=' | tr '\n' ',' | sed 's/,$//')
+            image_mount "$_dev" "$(rpath "$_mp")" "$_sv" || die "cannot mount $_dev on $_mp${_sv:+ ($_sv)}"
+            say "mounted $_spec on $_mp${_sv:+ ($_sv)}"
         done <"$OFF_WORK/fstab"
     fi
     if [ -n "${XCP_VM_AGENT_TEST_PAUSE:-}" ]; then

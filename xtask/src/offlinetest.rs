@@ -85,6 +85,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let stage = stage(&bin)?;
     let certs = certs()?;
 
+    step("offline: an image that plants links to host files (config.json, temp names), a multi-line config value");
+    hostile(&stage, &certs)?;
     step("offline: install.sh --root, links compared with the init system's own tools");
     for init in ["systemd", "sysv", "openrc"] {
         init_matches_tool(&stage, &certs, init)?;
@@ -182,8 +184,10 @@ fn script(stage: &Path, name: &str, args: &[&str]) -> Result<Out> {
 }
 
 /// TMPDIR for the scripts: must be empty again after each --image run.
+/// With a space: the list of mounts once split at it, and the clean-up
+/// then removed the work directory with the image still mounted in it.
 fn tmpdir() -> Result<PathBuf> {
-    let d = scratch().join("tmp");
+    let d = scratch().join("tmp dir");
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
@@ -481,6 +485,28 @@ fn takeover(stage: &Path) -> Result<()> {
     for f in ["opt-xcp-vm-agent/agent.py", "xcp-vm-agent.service", "README"] {
         ensure!(bk.join(f).exists(), "no {f} in /var/backups/xcp-vm-agent-1.0.3");
     }
+    // uninstall.sh --root removes /etc/xcp-vm-agent and the log: the 1.0.3
+    // config, certificates and log must survive in the backup (the README
+    // once said they were kept while uninstall deleted them).
+    let uninst = script(stage, "uninstall.sh", &["--root", &a.to_string_lossy()])?;
+    ensure!(uninst.ok, "uninstall.sh --root after the takeover failed:\n{}", uninst.text);
+    for (p, b) in kept.iter().zip(&before) {
+        let copy = bk.join(p.replace("etc/xcp-vm-agent/", "etc-xcp-vm-agent/"));
+        ensure!(
+            std::fs::read(&copy).ok().as_ref() == Some(b),
+            "after uninstall.sh --root, the 1.0.3 /{p} is not in the backup"
+        );
+    }
+    ensure!(
+        std::fs::read_to_string(bk.join("agent.log")).ok() == Some(old_log.clone()),
+        "the 1.0.3 agent.log is not in the backup"
+    );
+    let readme = std::fs::read_to_string(bk.join("README"))?;
+    ensure!(
+        readme.contains("etc-xcp-vm-agent") && readme.contains("uninstall.sh --root removes them"),
+        "README:\n{readme}"
+    );
+    install(stage, &["--root", &a.to_string_lossy(), URL])?;
     ensure!(mode(&bk)? == 0o700, "the backup is not 0700");
     let ours = std::fs::read_to_string(e("etc/systemd/system/xcp-vm-agent.service"))?;
     ensure!(ours.contains("ExecStart=/usr/local/bin/xcp-vm-agent "), "the unit is not ours:\n{ours}");
@@ -498,6 +524,66 @@ fn takeover(stage: &Path) -> Result<()> {
     refused(stage, &["--root", &a.to_string_lossy(), URL], "written by someone else")?;
     ensure!(std::fs::read_to_string(e("etc/systemd/system/xcp-vm-agent.service"))? == other, "their unit changed");
     std::fs::remove_dir_all(&a)?;
+    Ok(())
+}
+
+/// The image's owner is untrusted: links it plants must never make the
+/// installer read or write a host file (issue 15 review: config.json -> a
+/// host file was copied into the image and chmod 0600 on the host; a link
+/// at the predictable temp name `config.json.tmp.$$` got the config written
+/// through it). And a value spanning lines (`jq .` style) is refused, not
+/// turned into invalid JSON.
+fn hostile(stage: &Path, certs: &[PathBuf; 3]) -> Result<()> {
+    let a = tree("systemd", "hostile")?;
+    let host = scratch().join("host");
+    std::fs::create_dir_all(&host)?;
+    let secret = host.join("hostsecret.json");
+    let secret_text = "{\"db_password\": \"HOST-SECRET\"}\n";
+    std::fs::write(&secret, secret_text)?;
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let victim = host.join("victim");
+    std::fs::write(&victim, "HOST FILE\n")?;
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let conf = a.join("etc/xcp-vm-agent");
+    std::fs::create_dir_all(&conf)?;
+    std::os::unix::fs::symlink(&secret, conf.join("config.json"))?;
+    // The next 5000 process ids: one of them is install.sh's $$.
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")?.trim().parse()?;
+    let bin = a.join("usr/local/bin");
+    std::fs::create_dir_all(&bin)?;
+    for pid in last + 1..last + 5001 {
+        std::os::unix::fs::symlink(&victim, conf.join(format!("config.json.tmp.{pid}")))?;
+        std::os::unix::fs::symlink(&victim, bin.join(format!("xcp-vm-agent.tmp.{pid}")))?;
+    }
+    let out = install(stage, &["--root", &a.to_string_lossy(), URL])?;
+    ensure!(
+        std::fs::read_to_string(&secret)? == secret_text,
+        "the host file behind the image's config.json link changed"
+    );
+    ensure!(mode(&secret)? == 0o644, "the host file behind the image's config.json link became {:o}", mode(&secret)?);
+    ensure!(std::fs::read(&victim)? == b"HOST FILE\n", "a host file was written through a planted temp name");
+    ensure!(mode(&victim)? == 0o644, "a host file's mode changed through a planted temp name: {:o}", mode(&victim)?);
+    // The link is followed as the guest would follow it: inside the tree.
+    let inside = a.join(secret.strip_prefix("/")?);
+    let cfg = std::fs::read_to_string(&inside)?;
+    ensure!(!cfg.contains("HOST-SECRET"), "the host file's content went into the image:\n{cfg}");
+    ensure!(cfg.contains(URL), "config.json does not name the server:\n{cfg}\n{out}");
+    eprintln!("    config.json -> host file and 2 x 5000 planted temp-name links: no host file read or written");
+
+    // "client_cert": [ on its own line: refused, config unchanged.
+    let multi = "{\n  \"server_url\": \"https://old.example.invalid\",\n  \"client_cert\": [\n    \"/etc/a.pem\",\n    \"/etc/b.pem\"\n  ]\n}\n";
+    let c = conf.join("config.json");
+    std::fs::remove_file(&c)?;
+    std::fs::write(&c, multi)?;
+    let [cert, key, _] = certs;
+    refused(
+        stage,
+        &["--root", &a.to_string_lossy(), URL, "--client-cert", &cert.to_string_lossy(), &key.to_string_lossy()],
+        "spans several lines",
+    )?;
+    ensure!(std::fs::read_to_string(&c)? == multi, "the multi-line config was changed by a refused install");
+    std::fs::remove_dir_all(&a)?;
+    std::fs::remove_dir_all(&host)?;
     Ok(())
 }
 
@@ -755,7 +841,9 @@ fn lvm_image(stage: &Path) -> Result<()> {
     std::fs::create_dir(tree.join("var"))?;
     std::fs::write(
         tree.join("etc/fstab"),
-        "/dev/mapper/off--vg-root / ext4 defaults 0 1\n/dev/mapper/off--vg-var /var ext4 defaults 0 2\n",
+        // With entries that are no disk of the image (tmpfs, bind, NFS,
+        // noauto, a /var/cache elsewhere): once made the install refuse.
+        "/dev/mapper/off--vg-root / ext4 defaults 0 1\n/dev/mapper/off--vg-var /var ext4 defaults 0 2\ntmpfs /var/tmp tmpfs defaults 0 0\n/srv/logs /var/log/xcp-vm-agent none bind 0 0\nnas:/export /var/lib/xcp-vm-agent nfs defaults 0 0\nUUID=00000000-dead /var/backups ext4 defaults,noauto 0 0\nUUID=00000000-beef /var/cache ext4 defaults 0 2\n",
     )?;
     let (root_fs, var_fs) = (scratch().join("lvm-root.fs"), scratch().join("lvm-var.fs"));
     let (swap_ext, root_ext, var_ext) = (4u64, 75u64, 8u64);
@@ -831,7 +919,14 @@ fn lvm_image(stage: &Path) -> Result<()> {
     );
 
     let out = install(stage, &["--image", &disk.to_string_lossy(), URL])?;
-    for want in ["LVM volume off-vg/root", "LVM volume off-vg/var", "mounted /dev/mapper/off--vg-var on /var"] {
+    for want in [
+        "LVM volume off-vg/root",
+        "LVM volume off-vg/var",
+        "mounted /dev/mapper/off--vg-var on /var",
+        "not mounting /var/log/xcp-vm-agent (bind",
+        "not mounting /var/lib/xcp-vm-agent (nfs",
+        "not mounting /var/backups (defaults,noauto",
+    ] {
         ensure!(out.contains(want), "install.sh --image on LVM did not say {want:?}:\n{out}");
     }
     nothing_left(&disk)?;
