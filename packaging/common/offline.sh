@@ -193,10 +193,18 @@ root_takeover() {
             fi
         done
     fi
+    # A directory this run creates (mkdir, not -p): one the image already
+    # has at a predictable name could hold links leading to host files.
+    mkdir -p "$(rpath /var/backups)"
     _dest=$OFF_BACKUP
-    if [ -e "$(rpath "$_dest")" ]; then _dest=$OFF_BACKUP.$(date +%Y%m%d-%H%M%S); fi
+    _n=0
+    while ! mkdir -m 0700 "$(rpath "$_dest")" 2>/dev/null; do
+        _n=$((_n + 1))
+        [ "$_n" -le 50 ] || die "cannot create a new backup directory $OFF_BACKUP.* in the target"
+        _dest=$OFF_BACKUP.$(date +%Y%m%d-%H%M%S)
+        [ "$_n" -eq 1 ] || _dest=$_dest.$_n
+    done
     _bk=$(rpath "$_dest")
-    mkdir -p "$_bk"
     chmod 0700 "$_bk"
     _moved=""
     if [ "$_old_unit" -eq 1 ]; then

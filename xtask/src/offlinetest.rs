@@ -583,6 +583,36 @@ fn hostile(stage: &Path, certs: &[PathBuf; 3]) -> Result<()> {
     )?;
     ensure!(std::fs::read_to_string(&c)? == multi, "the multi-line config was changed by a refused install");
     std::fs::remove_dir_all(&a)?;
+
+    // A second takeover's backup goes to xcp-vm-agent-1.0.3.<time>: the image
+    // may already have directories at the next seconds' names, with links
+    // where the 1.0.3 unit, /opt and the README are put.
+    let b = tree("systemd", "hostile-backup")?;
+    let fixture = root().join("vm-tests/fixtures/python-agent-1.0.3/install-agent.sh");
+    util::output(Command::new("sh").arg(&fixture).arg("--root").arg(&b).arg(URL))?;
+    let hostdir = host.join("dir");
+    std::fs::create_dir_all(&hostdir)?;
+    let backups = b.join("var/backups");
+    std::fs::create_dir_all(backups.join("xcp-vm-agent-1.0.3"))?;
+    let names = util::output(
+        Command::new("sh")
+            .args(["-c", "n=$(date +%s); for i in $(seq -2 60); do date -u -d @$((n + i)) +%Y%m%d-%H%M%S; done"])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin"),
+    )?;
+    for t in names.lines() {
+        let d = backups.join(format!("xcp-vm-agent-1.0.3.{t}"));
+        std::fs::create_dir_all(&d)?;
+        for f in ["xcp-vm-agent.service", "opt-xcp-vm-agent", "etc-xcp-vm-agent", "agent.log", "README"] {
+            std::os::unix::fs::symlink(&hostdir, d.join(f))?;
+        }
+    }
+    install(stage, &["--root", &b.to_string_lossy(), URL])?;
+    let into: Vec<_> =
+        std::fs::read_dir(&hostdir)?.map(|e| e.map(|e| e.file_name())).collect::<std::io::Result<_>>()?;
+    ensure!(into.is_empty(), "the takeover moved or wrote {into:?} into a host directory through a planted backup dir");
+    eprintln!("    backup directories planted at the next 60 s of names, with links to a host dir: nothing went there");
+    std::fs::remove_dir_all(&b)?;
     std::fs::remove_dir_all(&host)?;
     Ok(())
 }
