@@ -523,7 +523,12 @@ fn smoke(dir: &Path, img: &Path, deb: &Path, server_bin: &Path, accel: &str) -> 
     .arg("-drive")
     .arg(format!("file={},if=none,id=pkg,format=raw,readonly=on", dir.join("pkg.img").display()))
     .args(["-device", "virtio-blk-pci,drive=pkg,serial=XCPPKG"])
-    .args(["-netdev", &format!("user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8443-tcp:127.0.0.1:{port}")])
+    // A socat relay per guest connection: a `tcp:` guestfwd is one
+    // connection opened when QEMU starts (docs/vm-tests.md, harness bugs).
+    .args([
+        "-netdev",
+        &format!("user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8443-cmd:socat STDIO TCP:127.0.0.1:{port}"),
+    ])
     .args(["-device", "virtio-net-pci,netdev=n0"])
     .stdin(std::process::Stdio::null())
     .stdout(std::fs::File::create(dir.join("qemu.log"))?)
