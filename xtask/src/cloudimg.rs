@@ -382,7 +382,7 @@ bootloader with a NoCloud seed and a package disk, cloud-init installs the
 .deb from that disk (no network in the guest) and writes the agent's config;
 the service must run and check in to mgmt-server on this machine's loopback
 with the UUID QEMU gave (-uuid), then a RunScript must come back.
-Needs root (mmdebstrap, loop devices, grub-install).
+Needs root (mmdebstrap, loop devices, chroot); installs what is missing.
 ";
 
 const VM_UUID: &str = "0c1d7e55-2b8f-4a51-9e0a-c10d1a9e0000";
@@ -405,7 +405,9 @@ pub fn run(args: &[String]) -> Result<()> {
             other => anyhow::bail!("unknown option {other:?}\n\n{HELP}"),
         }
     }
-    ensure!(util::is_root(), "cargo xtask vm-cloud needs root (mmdebstrap, loop devices, grub-install)");
+    ensure!(util::is_root(), "cargo xtask vm-cloud needs root (mmdebstrap, loop devices, chroot)");
+    crate::setup::run_setup(true)?;
+    crate::vm::ensure_tools()?;
     let t0 = Instant::now();
     let img = build_genericcloud()?;
     let deb = match deb {

@@ -40,6 +40,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("chromium", "chromium"),
     // The VM matrix forwards each guest connection to mgmt-server (QEMU guestfwd cmd:).
     ("socat", "socat"),
+    // The cloud path (cargo xtask vm-cloud): the NoCloud seed and the package
+    // disk are vfat images made without mounting.
+    ("mkfs.vfat", "dosfstools"),
+    ("mcopy", "mtools"),
 ];
 
 /// The workflow-schema checker, pinned.
