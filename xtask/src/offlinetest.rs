@@ -67,12 +67,12 @@ impl Drop for Tmpfs {
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "cargo xtask offline-test\n\nAs root: install.sh --root into Debian trees with systemd, SysV init, OpenRC and\nno init system, compared with the links systemctl, update-rc.d and rc-update make;\nuninstall.sh --root; the refusals; install.sh --image on a raw and a qcow2 disk image."
+            "cargo xtask offline-test\n\nAs root: install.sh --root into Debian trees with systemd, SysV init, OpenRC and\nno init system, compared with the links systemctl, update-rc.d and rc-update make;\nuninstall.sh --root; the refusals; links an untrusted image plants; install.sh --image on a raw and a qcow2\ndisk image, LVM, and btrfs subvolumes."
         );
         return Ok(());
     }
     ensure!(util::is_root(), "the offline install tier needs root (chroots, loop devices)");
-    for tool in ["mmdebstrap", "systemctl", "insserv", "mkfs.ext4", "sfdisk", "losetup", "qemu-img"] {
+    for tool in ["mmdebstrap", "systemctl", "insserv", "mkfs.ext4", "mkfs.btrfs", "sfdisk", "losetup", "qemu-img"] {
         dist::need(tool)?;
     }
     let t0 = Instant::now();
@@ -101,6 +101,8 @@ pub fn run(args: &[String]) -> Result<()> {
     images(&stage)?;
     step("offline: install.sh --image with root and /var on LVM (no device-mapper)");
     lvm_image(&stage)?;
+    step("offline: install.sh --image on btrfs, root in subvolume @, /var in @var (subvol= from the image's fstab)");
+    btrfs_image(&stage)?;
     step(&format!("offline install checks passed in {:.0} s", t0.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -976,5 +978,47 @@ fn lvm_image(stage: &Path) -> Result<()> {
     })?;
     eprintln!("    LVM: root found in off-vg/root, /var mounted from off-vg/var by the image's fstab, both written, nothing left attached");
     std::fs::remove_file(&disk)?;
+    Ok(())
+}
+
+/// openSUSE and Fedora layout: one btrfs, root in a subvolume, /var in
+/// another named by `subvol=` in the image's fstab. The mount once dropped
+/// the option, so the state and log directories went into the top level.
+fn btrfs_image(stage: &Path) -> Result<()> {
+    let tree = tree("systemd", "btrfs-tree")?;
+    let fs = scratch().join("btrfs.raw");
+    let _ = std::fs::remove_file(&fs);
+    std::fs::File::create(&fs)?.set_len(1024 * MIB)?;
+    util::run(Command::new("mkfs.btrfs").args(["-q", "-L", "offbtrfs"]).arg(&fs))?;
+    let uuid = util::output(Command::new("blkid").args(["-p", "-o", "value", "-s", "UUID"]).arg(&fs))?;
+    let uuid = uuid.trim();
+    std::fs::write(
+        tree.join("etc/fstab"),
+        format!("UUID={uuid} / btrfs subvol=@ 0 0\nUUID={uuid} /var btrfs defaults,subvol=@var,compress=zstd 0 0\n"),
+    )?;
+    let m = scratch().join("btrfs-mnt");
+    std::fs::create_dir_all(&m)?;
+    util::run(Command::new("mount").arg("-o").arg("loop").arg(&fs).arg(&m))?;
+    let filled = util::run(Command::new("sh").args(["-ec", "btrfs -q subvolume create \"$1/@\"; btrfs -q subvolume create \"$1/@var\"; tar -C \"$2\" --exclude=./var -cf - . | tar -C \"$1/@\" -xf -; mkdir \"$1/@/var\"; tar -C \"$2/var\" -cf - . | tar -C \"$1/@var\" -xf -", "sh"]).arg(&m).arg(&tree));
+    util::run(Command::new("umount").arg(&m))?;
+    filled?;
+    std::fs::remove_dir_all(&tree)?;
+
+    let out = install(stage, &["--image", &fs.to_string_lossy(), URL])?;
+    ensure!(out.contains("(subvol=@var)"), "/var not mounted with its subvolume:\n{out}");
+    nothing_left(&fs)?;
+    util::run(Command::new("mount").args(["-o", "loop,ro"]).arg(&fs).arg(&m))?;
+    let checked = (|| -> Result<()> {
+        ensure!(m.join("@/usr/local/bin/xcp-vm-agent").exists(), "no binary in subvolume @");
+        ensure!(mode(&m.join("@var/lib/xcp-vm-agent"))? == 0o700, "state dir not in subvolume @var");
+        ensure!(m.join("@var/log/xcp-vm-agent").is_dir(), "log dir not in subvolume @var");
+        ensure!(!m.join("lib").exists() && !m.join("log").exists(), "files went into the top level of the btrfs");
+        ensure!(!m.join("@/var/lib").exists(), "files went under @'s /var mount point");
+        Ok(())
+    })();
+    util::run(Command::new("umount").arg(&m))?;
+    checked?;
+    eprintln!("    btrfs: root found in subvolume @, /var mounted from @var by the fstab's subvol=, files in @var");
+    std::fs::remove_file(&fs)?;
     Ok(())
 }

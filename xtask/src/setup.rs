@@ -10,6 +10,7 @@ use std::process::Command;
 pub const PACKAGES: &[(&str, &str)] = &[
     ("musl-gcc", "musl-tools"),
     ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.btrfs", "btrfs-progs"),
     ("mkfs.ext4", "e2fsprogs"),
     ("growpart", "cloud-guest-utils"),
     ("sgdisk", "gdisk"),
