@@ -2,6 +2,10 @@
 //!
 //! The crate is a library with a thin binary on top (`main.rs`). See
 //! `docs/architecture.md` for the code map; each module header says what it owns.
+// The log macros (logging.rs) under the name the code has always used:
+// `tracing::info!(...)` in any module is `crate::info!(...)`.
+extern crate self as tracing;
+
 pub mod backoff;
 pub mod cli;
 pub mod client;
