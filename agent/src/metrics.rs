@@ -83,14 +83,31 @@ pub fn parse_meminfo(text: &str) -> Option<(u64, u64, u64)> {
     Some((total, avail, total.saturating_sub(avail)))
 }
 
+/// A plain decimal as the kernel writes it ("12345.67", "0.50"), or None.
+/// By hand: `str::parse::<f64>` links core's general float parser and its
+/// tables (about 13 KB of the size budget, docs/performance.md). All the
+/// digits make one integer, divided by a power of ten; both are exact below
+/// 2^53, so the one rounding is the division's and the result is the one
+/// `str::parse` gives. A sign, an exponent or more than 15 digits: None.
+pub fn parse_decimal(s: &str) -> Option<f64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let digits = || int.bytes().chain(frac.bytes());
+    if int.is_empty() || int.len() + frac.len() > 15 || !digits().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let m = digits().fold(0u64, |m, b| m * 10 + u64::from(b - b'0'));
+    let scale = frac.bytes().fold(1.0, |d, _| d * 10.0);
+    Some(m as f64 / scale)
+}
+
 pub fn parse_loadavg(text: &str) -> [f64; 3] {
-    let v: Vec<f64> = text.split_whitespace().take(3).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<f64> = text.split_whitespace().take(3).filter_map(parse_decimal).collect();
     [v.first().copied().unwrap_or(0.0), v.get(1).copied().unwrap_or(0.0), v.get(2).copied().unwrap_or(0.0)]
 }
 
 /// Whole seconds since boot (fraction dropped).
 pub fn parse_uptime(text: &str) -> u64 {
-    text.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()).map(|f| f.max(0.0) as u64).unwrap_or(0)
+    text.split_whitespace().next().and_then(parse_decimal).map(|f| f as u64).unwrap_or(0)
 }
 
 /// Samples metrics; remembers the last CPU counters so each sample gives the
@@ -241,6 +258,32 @@ mod tests {
         assert_eq!(parse_loadavg("0.50 0.25 0.10 1/234 5678\n"), [0.5, 0.25, 0.1]);
         assert_eq!(parse_uptime("12345.67 2000.00\n"), 12345);
         assert_eq!(parse_uptime(""), 0);
+    }
+
+    #[test]
+    fn parse_decimal_is_str_parse_for_kernel_numbers() {
+        for s in [
+            "0",
+            "0.00",
+            "0.50",
+            "0.1",
+            "7.3",
+            "1.01",
+            "12345.67",
+            "98765432.10",
+            "123456789012.345",
+            "999999999999999",
+        ] {
+            assert_eq!(parse_decimal(s), Some(s.parse::<f64>().unwrap()), "{s}");
+        }
+        // Every value with two decimals below 1000, as in /proc/loadavg.
+        for i in 0..100_000u32 {
+            let s = format!("{}.{:02}", i / 100, i % 100);
+            assert_eq!(parse_decimal(&s), Some(s.parse::<f64>().unwrap()), "{s}");
+        }
+        for s in ["", ".5", "-1", "1e3", "1.2.3", "x", "1/234", "1234567890123456"] {
+            assert_eq!(parse_decimal(s), None, "{s}");
+        }
     }
 
     #[test]
