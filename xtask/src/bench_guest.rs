@@ -92,8 +92,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The agent with the `guest` feature (guest control is not in the default
-/// build yet: see agent/Cargo.toml), release profile, its own target dir.
+/// The agent with the `guest` feature (a default feature; named so the
+/// measurement keeps it), release profile, its own target dir.
 fn guest_binary() -> Result<PathBuf> {
     let td = crate::util::root().join("target/bench-guest");
     crate::util::run(

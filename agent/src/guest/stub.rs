@@ -1,5 +1,5 @@
-//! Without the cargo feature `guest` (the default build, for the 2.2 MB
-//! budget): the daemon's hooks into guest control compile to nothing, and
+//! Without the cargo feature `guest` (on by default and in the packages;
+//! `--no-default-features` turns it off): the daemon's hooks into guest control compile to nothing, and
 //! the guest operations are not in `jobs::OPERATIONS`.
 #![allow(clippy::ptr_arg)]
 
