@@ -83,6 +83,9 @@ pub const CI_SCENARIOS: &[&str] = &[
     "run-script",
     "grow-root-online",
     "swap-after-root-refused",
+    "upgrade",
+    "remove",
+    "takeover-1.0.3",
 ];
 
 /// `vm-test` arguments for `cargo xtask test`.

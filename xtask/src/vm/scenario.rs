@@ -614,7 +614,7 @@ fn upgrade(c: &mut Ctx) -> Result<String> {
     c.set_step("dpkg -i the newer build");
     let t = now_ms();
     let next = c.env.next_deb_name.clone();
-    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold -i /mnt/files/{next} 2>&1"))?;
+    c.sh_ok(&format!("dpkg -i /mnt/files/{next} </dev/null 2>&1"))?;
     let v = c.sh_ok("dpkg-query -W -f '${Version}' xcp-vm-agent")?;
     ensure!(v.trim() == c.env.next_version, "installed version {} is not {}", v.trim(), c.env.next_version);
     ensure!(c.sh_ok("sha256sum /etc/xcp-vm-agent/config.json")? == sum, "the edited config changed");
@@ -682,7 +682,7 @@ fn takeover_103(c: &mut Ctx) -> Result<String> {
     // 1.0.3's config.json is also our conffile: without a terminal, plain
     // `dpkg -i` stops at the conffile prompt; keep the user's file as apt
     // does unattended.
-    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold -i /mnt/files/{deb} 2>&1"))?;
+    c.sh_ok(&format!("dpkg -i /mnt/files/{deb} </dev/null 2>&1"))?;
     c.sh_until(init.service_running()).context("ours does not run after the install")?;
     c.sh_until(&format!("! {old_running}")).context("the 1.0.3 stand-in still runs after the install")?;
     ensure!(c.sh_ok(sums)? == before, "the config or certificates changed");
