@@ -93,7 +93,8 @@ pub fn parse(text: &str) -> Vec<Line> {
         .collect()
 }
 
-/// The line for an entry, escaped, with the agent's marker.
+/// The line for an entry, every field escaped (freq and passno too: a
+/// parsed entry carries them unescaped), with the agent's marker.
 pub fn render(e: &Entry) -> String {
     format!(
         "{} {} {} {} {} {} {MARKER}",
@@ -101,8 +102,8 @@ pub fn render(e: &Entry) -> String {
         escape(&e.file),
         escape(&e.vfstype),
         escape(&e.mntops),
-        e.freq,
-        e.passno
+        escape(&e.freq),
+        escape(&e.passno)
     )
 }
 
@@ -368,6 +369,24 @@ proc /proc proc defaults 0 0";
         assert!(out.ends_with(&format!("30s 0 2 {MARKER}\n")));
         assert_eq!(append("", "x"), "x\n");
         assert_eq!(append("a\n", "x"), "a\nx\n");
+    }
+
+    #[test]
+    fn an_entry_with_a_backslash_in_freq_round_trips() {
+        // Found by the fstab fuzz target in a CI run (crash-53566b9b): freq
+        // and passno were rendered unescaped, so a parsed freq holding
+        // `\066` (backslash, then octal digits) came back as `66`.
+        let e = Entry {
+            spec: "/dev/x".into(),
+            file: "/x".into(),
+            vfstype: "ext4".into(),
+            mntops: "defaults".into(),
+            freq: "\\0666".into(),
+            passno: "\\1".into(),
+        };
+        let again = parse(&render(&e));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].entry.as_ref(), Some(&e));
     }
 
     #[test]
