@@ -8,7 +8,7 @@
 //! safe Rust, so AddressSanitizer would mostly cost build time, while debug
 //! assertions turn integer overflow into a crash libFuzzer reports.
 use crate::util::{self, step};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::process::Command;
 use std::time::Instant;
 
@@ -31,7 +31,9 @@ pub fn have_cargo_fuzz() -> bool {
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "cargo xtask fuzz [--seconds N] [TARGET...]\n\nRun each cargo-fuzz target in fuzz/ for N seconds (default 10): {}.\n\
+            "cargo xtask fuzz [--seconds N] [--runs N --seed S] [TARGET...]\n\nRun each cargo-fuzz target in fuzz/ for N seconds (default 10): {}.\n\
+             --runs N --seed S: a fixed sequence of N inputs from seed S (reproducible; the\n\
+             seconds cap only cuts it short).\n\
              A crash stops the run; its input is in fuzz/artifacts/TARGET/ (add it as a unit test).\n\
              Needs nightly and cargo-fuzz (cargo xtask setup installs them). See docs/fuzzing.md.",
             TARGETS.join(", ")
@@ -39,6 +41,11 @@ pub fn run(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let mut seconds = 10u64;
+    // With --runs and --seed the run is a fixed sequence of inputs (the same
+    // binary explores the same inputs every time, and a time cap only cuts
+    // it short): what `cargo xtask test` uses, so CI is never red by luck.
+    let mut runs: Option<u64> = None;
+    let mut seed: Option<u64> = None;
     let mut targets: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -49,6 +56,8 @@ pub fn run(args: &[String]) -> Result<()> {
                     std::process::exit(2)
                 })
             }
+            "--runs" => runs = Some(it.next().and_then(|s| s.parse().ok()).context("--runs needs a number")?),
+            "--seed" => seed = Some(it.next().and_then(|s| s.parse().ok()).context("--seed needs a number")?),
             t if TARGETS.contains(&t) => targets.push(t.to_string()),
             other => bail!("unknown fuzz target or option {other:?}; targets: {}", TARGETS.join(", ")),
         }
@@ -68,11 +77,10 @@ pub fn run(args: &[String]) -> Result<()> {
         step(&format!("fuzz: {t} for {seconds} s"));
         let corpus = util::root().join("target").join("fuzz-corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
-        util::run(nightly().args(["fuzz", "run", t]).args(flags).arg(&corpus).args([
-            "--",
-            &format!("-max_total_time={seconds}"),
-            "-print_final_stats=1",
-        ]))?;
+        let mut extra = vec![format!("-max_total_time={seconds}"), "-print_final_stats=1".to_string()];
+        extra.extend(runs.map(|n| format!("-runs={n}")));
+        extra.extend(seed.map(|n| format!("-seed={n}")));
+        util::run(nightly().args(["fuzz", "run", t]).args(flags).arg(&corpus).arg("--").args(&extra))?;
     }
     Ok(())
 }

@@ -78,7 +78,10 @@ pub fn run(args: &[String]) -> Result<()> {
     tally.cargo_test(cargo().args(["test", "--workspace", "--all-targets"]))?;
 
     // Every cargo-fuzz target for a few seconds (the build dominates).
-    crate::fuzz::run(&["--seconds".into(), "5".into()])?;
+    // A fixed sequence (seed 1, 500,000 inputs, at most 60 s each): the
+    // same inputs every run, so a red here is a bug in this tree, never luck
+    // (docs/fuzzing.md: long random runs are for finding new ones).
+    crate::fuzz::run(&["--seconds", "60", "--runs", "500000", "--seed", "1"].map(String::from))?;
 
     if is_root() {
         // Exactly the tests marked #[ignore = "root tier: ..."], so none is

@@ -31,14 +31,15 @@ pub struct Line {
     pub entry: Option<Entry>,
 }
 
-/// Escape a field for fstab: backslash and every character [`parse`] would
+/// Escape a field for fstab: backslash, `#` (a word starting with it begins
+/// the trailing comment for [`parse`]), and every character `parse` would
 /// split a line at (space, tab, newline, and the rest of `char::is_whitespace`:
 /// carriage return, vertical tab, form feed, Unicode spaces) as octal `\NNN`,
 /// byte by byte, as libmount and glibc read it back.
 pub fn escape(s: &str) -> String {
     let mut o = String::new();
     for c in s.chars() {
-        if c == '\\' || c.is_whitespace() {
+        if c == '\\' || c == '#' || c.is_whitespace() {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
                 o.push_str(&format!("\\{b:03o}"));
@@ -398,7 +399,9 @@ proc /proc proc defaults 0 0";
         // Found by the fstab fuzz target in a second clean-clone CI run: a
         // spec holding `\r` was rendered raw, and parse (which splits at any
         // whitespace) read it back as two fields.
-        for spec in ["/dev/a\r3", "/dev/b\u{b}\u{c}x", "/mnt/with\u{a0}nbsp", "/x\u{2003}y"] {
+        // And (third run) a field starting with `#` was read back as the
+        // start of the trailing comment.
+        for spec in ["/dev/a\r3", "/dev/b\u{b}\u{c}x", "/mnt/with\u{a0}nbsp", "/x\u{2003}y", "#\\2", "a#b"] {
             let e = Entry {
                 spec: spec.into(),
                 file: "/x".into(),
