@@ -274,3 +274,212 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
     r.duration_ms = started.elapsed().as_millis() as u64;
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const ALL: [Status; 6] =
+        [Status::Running, Status::Succeeded, Status::NoChange, Status::Refused, Status::Failed, Status::Interrupted];
+
+    #[test]
+    fn exit_codes_and_names_of_every_status() {
+        let codes: Vec<i32> = ALL.iter().map(|s| s.exit_code()).collect();
+        assert_eq!(codes, [0, 0, 0, 3, 1, 1]);
+        for s in ALL {
+            // as_str is the protocol's name: the one serde writes.
+            assert_eq!(json!(s.as_str()), serde_json::to_value(s).unwrap(), "{s:?}");
+        }
+        let names: Vec<&str> = ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["running", "succeeded", "no_change", "refused", "failed", "interrupted"]);
+    }
+
+    #[test]
+    fn constructors_set_status_message_and_details() {
+        for (r, s) in [
+            (JobResult::succeeded("m"), Status::Succeeded),
+            (JobResult::no_change("m"), Status::NoChange),
+            (JobResult::refused("m"), Status::Refused),
+            (JobResult::failed("m"), Status::Failed),
+        ] {
+            assert_eq!((r.status, r.message.as_str(), &r.details), (s, "m", &json!({})));
+        }
+        assert_eq!(JobResult::failed("m").with_details(json!({"a": 1})).details, json!({"a": 1}));
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        #[serde(default)]
+        n: u64,
+        #[serde(default)]
+        s: Option<String>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Required {
+        #[allow(dead_code)]
+        device: String,
+    }
+
+    #[test]
+    fn parse_params_takes_null_as_no_params_and_names_the_field() {
+        let p: P = parse_params("Op", &Value::Null).unwrap();
+        assert_eq!((p.n, p.s), (0, None));
+        let p: P = parse_params("Op", &json!({"n": 7, "s": "x"})).unwrap();
+        assert_eq!((p.n, p.s.as_deref()), (7, Some("x")));
+        let e = parse_params::<P>("Op", &json!({"n": "7"})).unwrap_err();
+        assert_eq!(e.status, Status::Refused);
+        assert!(
+            e.message.starts_with("invalid parameters for Op: field `n`: invalid type: string \"7\""),
+            "{}",
+            e.message
+        );
+        // An error of the whole object has no field path to name.
+        let e = parse_params::<Required>("Op", &json!({})).unwrap_err();
+        assert_eq!(e.message, "invalid parameters for Op: missing field `device`");
+        let e = parse_params::<P>("Op", &json!("x")).unwrap_err();
+        assert!(e.message.starts_with("invalid parameters for Op: invalid type: string \"x\""), "{}", e.message);
+    }
+
+    #[test]
+    fn now_unix_is_the_clock() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(now_unix().abs_diff(t) <= 2, "{} vs {t}", now_unix());
+    }
+
+    fn with_string(len: usize) -> JobResult {
+        let s: String = "H".repeat(len / 4) + &"M".repeat(len - len / 2) + &"T".repeat(len / 4);
+        JobResult::failed("m").with_details(json!({"stdout": s, "exit_code": 2, "short": "kept"}))
+    }
+
+    #[test]
+    fn bounded_keeps_a_result_that_fits() {
+        let r = with_string(4000);
+        let n = r.json_len();
+        assert_eq!(r.clone().bounded(n), r, "exactly at the bound is within it");
+        assert_ne!(r.clone().bounded(n - 1), r);
+        assert!(n > 4000 && n < 4200, "{n}");
+    }
+
+    #[test]
+    fn bounded_cuts_the_middle_of_the_longest_string() {
+        let r = with_string(4000);
+        let original = r.json_len() as u64;
+        let b = r.bounded(3000);
+        assert!(b.json_len() <= 3000);
+        let want = format!(
+            "{}\n[... 2000 characters cut by xcp-vm-agent: result over 2 KiB ...]\n{}",
+            "H".repeat(1000),
+            "T".repeat(1000)
+        );
+        assert_eq!(b.details["stdout"], json!(want));
+        assert_eq!(b.details["short"], "kept");
+        assert_eq!(b.details["exit_code"], 2);
+        assert_eq!(b.details["result_original_bytes"], original);
+        assert_eq!((b.status, b.message.as_str()), (Status::Failed, "m"));
+        // A cut that lands exactly on the bound is not cut again.
+        let at = with_string(4000).bounded(b.json_len());
+        assert_eq!(at, b);
+    }
+
+    #[test]
+    fn bounded_cuts_again_until_it_fits() {
+        let r = with_string(100_000);
+        let b = r.bounded(2048);
+        assert!(b.json_len() <= 2048, "{}", b.json_len());
+        let s = b.details["stdout"].as_str().unwrap();
+        assert!(s.starts_with('H') && s.ends_with('T'), "{s}");
+        assert!(s.contains("characters cut by xcp-vm-agent"), "{s}");
+        assert_eq!(b.details["short"], "kept");
+    }
+
+    #[test]
+    fn bounded_cuts_a_string_of_256_characters_but_not_of_255() {
+        // 256 characters is long enough to cut: one cut fits.
+        let r = JobResult::failed("m").with_details(json!({"s": "x".repeat(256)}));
+        let b = r.clone().bounded(r.json_len() - 1);
+        assert!(b.details["s"].as_str().unwrap().contains("characters cut"), "{:?}", b.details);
+        // Below 256 strings are left alone: the details go.
+        let r = JobResult::failed("m").with_details(json!({"s": "x".repeat(255)}));
+        let b = r.clone().bounded(r.json_len() - 1);
+        assert!(b.details.get("s").is_none(), "{:?}", b.details);
+        assert!(b.details["result_cut"].as_str().unwrap().contains("removed"), "{:?}", b.details);
+    }
+
+    #[test]
+    fn bounded_drops_details_and_shortens_the_message_when_strings_cannot_fit() {
+        let numbers: Vec<u64> = (0..2000).collect();
+        let r = JobResult::failed("€".repeat(2000)).with_details(json!({"n": numbers}));
+        let original = r.json_len();
+        let b = r.bounded(4096);
+        assert_eq!(
+            b.details,
+            json!({"result_original_bytes": original,
+                   "result_cut": format!("details of {original} bytes removed: over the 4 KiB result bound")})
+        );
+        // 6000 bytes of 3-byte characters: cut at the last boundary at or
+        // below 4096 bytes (4095), then marked.
+        assert_eq!(b.message.len(), 4095 + " [...]".len());
+        assert!(b.message.ends_with("€ [...]"));
+        // A message of exactly 4096 bytes stays whole.
+        let r = JobResult::failed("a".repeat(4096)).with_details(json!({"n": numbers}));
+        assert_eq!(r.bounded(4096).message, "a".repeat(4096));
+    }
+
+    fn job(op: &str, params: Value) -> Job {
+        Job { id: "j-1".into(), operation: op.into(), params }
+    }
+
+    #[test]
+    fn execute_refuses_unknown_and_not_allowed_operations() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), false);
+        let all: Vec<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
+        let r = execute(&ctx, &job("Format", json!({})), &all);
+        assert_eq!(r.status, Status::Refused);
+        assert!(r.message.starts_with("unknown operation \"Format\"; this agent offers RunScript, "), "{}", r.message);
+        let r = execute(&ctx, &job("RunScript", json!({"script": "true"})), &["InitializeDisk".to_string()]);
+        assert_eq!(r.status, Status::Refused);
+        assert_eq!(
+            r.message,
+            "operation RunScript is not in allowed_operations (InitializeDisk) of this agent's config"
+        );
+        assert_eq!((r.job_id.as_str(), r.operation.as_str()), ("j-1", "RunScript"));
+    }
+
+    #[test]
+    fn execute_dispatches_every_operation() {
+        // Each operation answers an unknown parameter with its own refusal:
+        // the job reached it, and nothing ran.
+        let d = tempfile::tempdir().unwrap();
+        let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), true);
+        let all: Vec<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
+        for op in OPERATIONS {
+            let r = execute(&ctx, &job(op, json!({"no_such_parameter": 1})), &all);
+            assert_eq!(r.status, Status::Refused, "{op}: {}", r.message);
+            assert!(r.message.contains(op) && r.message.contains("no_such_parameter"), "{op}: {}", r.message);
+            assert_eq!((r.job_id.as_str(), r.operation.as_str()), ("j-1", *op));
+        }
+    }
+
+    #[test]
+    fn execute_times_the_job_and_marks_a_dry_run() {
+        let d = tempfile::tempdir().unwrap();
+        let all = vec!["RunScript".to_string()];
+        let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), false);
+        let before = now_unix();
+        let r = execute(&ctx, &job("RunScript", json!({"script": "sleep 0.2; echo hi"})), &all);
+        assert_eq!(r.status, Status::Succeeded, "{}", r.message);
+        assert_eq!(r.details["stdout"], "hi\n");
+        assert!(r.details.get("dry_run").is_none());
+        assert!(r.duration_ms >= 200, "{}", r.duration_ms);
+        assert!(r.started_at >= before && r.finished_at >= r.started_at && r.finished_at <= now_unix());
+        let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), true);
+        let r = execute(&ctx, &job("RunScript", json!({"script": "echo hi"})), &all);
+        assert_eq!(r.status, Status::Succeeded, "{}", r.message);
+        assert_eq!(r.details["dry_run"], true);
+        assert_eq!(r.details["plan"], json!(["/bin/bash SCRIPT"]));
+    }
+}
