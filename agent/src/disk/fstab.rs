@@ -536,4 +536,126 @@ proc /proc proc defaults 0 0";
         write_atomic(&fresh, "# x\n", |_| Ok(())).unwrap();
         assert_eq!(fs::metadata(&fresh).unwrap().mode() & 0o777, 0o644);
     }
+
+    #[test]
+    fn unescape_reads_octal_and_leaves_the_rest() {
+        assert_eq!(unescape("\\101\\012\\134x"), "A\n\\x");
+        assert_eq!(unescape("\\177\\000"), "\u{7f}\0");
+        // Not an escape: short at the end, or not octal digits.
+        assert_eq!(unescape("a\\04"), "a\\04");
+        assert_eq!(unescape("a\\089\\8"), "a\\089\\8");
+        assert_eq!(unescape("\\040"), " ");
+        assert_eq!(unescape_udev("a\\x4"), "a\\x4");
+        assert_eq!(unescape_udev("\\x41"), "A");
+    }
+
+    #[test]
+    fn parse_fills_missing_fields_with_their_defaults() {
+        let l = parse("/dev/sdb1 /mnt\nlonely\n\t# comment\n/dev/sdc1 /x xfs ro # trailing\n");
+        assert_eq!(l.len(), 4);
+        let want = Entry {
+            spec: "/dev/sdb1".into(),
+            file: "/mnt".into(),
+            vfstype: "auto".into(),
+            mntops: "defaults".into(),
+            freq: "0".into(),
+            passno: "0".into(),
+        };
+        assert_eq!(l[0].entry.as_ref(), Some(&want));
+        assert_eq!(l[1].entry, None, "one field is no entry");
+        assert_eq!(l[2].entry, None);
+        let e = l[3].entry.as_ref().unwrap();
+        assert_eq!((e.vfstype.as_str(), e.mntops.as_str(), e.freq.as_str()), ("xfs", "ro", "0"));
+    }
+
+    #[test]
+    fn labels_are_case_sensitive_uuids_are_not() {
+        let i = ids();
+        let m = |s: &str| spec_matches(s, &i, &no_resolve);
+        assert!(m("UUID=2222-bbbb") && m("PARTUUID=EEEE-ffff") && m("/dev/disk/by-partuuid/eeee-FFFF"));
+        assert!(m("LABEL=\"data\"") && m("PARTLABEL=\"xcp-vm-agent\""));
+        for other in [
+            "UUID=3333-bbbb",
+            "PARTUUID=eeee-0000",
+            "LABEL=DATA",
+            "PARTLABEL=XCP-VM-AGENT",
+            "/dev/disk/by-label/DATA",
+            "/dev/disk/by-partlabel/XCP-VM-AGENT",
+            "/dev/disk/by-uuid/3333",
+            "/dev/disk/by-id/2222-bbbb",
+            "/dev/disk/by-uuid",
+            "/dev/xvdc1",
+            "xvdb1",
+            "tmpfs",
+        ] {
+            assert!(!m(other), "{other} must not name the device");
+        }
+        // Without the ids, nothing matches by name.
+        let none = DeviceIds { paths: i.paths.clone(), ..Default::default() };
+        for s in
+            ["UUID=2222-bbbb", "LABEL=data", "PARTUUID=eeee-ffff", "PARTLABEL=xcp-vm-agent", "/dev/disk/by-label/data"]
+        {
+            assert!(!spec_matches(s, &none, &no_resolve), "{s}");
+        }
+        // A path spec: by its own name, or by what it resolves to.
+        let to_b1 = |s: &str| (s == "/dev/mapper/x").then(|| PathBuf::from("/dev/xvdb1"));
+        let to_c1 = |_: &str| Some(PathBuf::from("/dev/xvdc1"));
+        assert!(spec_matches("/dev/xvdb", &i, &no_resolve));
+        assert!(spec_matches("/dev/mapper/x", &i, &to_b1));
+        assert!(!spec_matches("/dev/mapper/y", &i, &to_b1));
+        assert!(!spec_matches("/dev/mapper/x", &i, &to_c1));
+        assert!(!spec_matches("xvdb1", &i, &|_: &str| Some(PathBuf::from("/dev/xvdb1"))), "not a path");
+    }
+
+    #[test]
+    fn swap_entries_do_not_clash_by_mount_point() {
+        let mut swap = ours();
+        swap.spec = "/dev/xvdc2".into();
+        swap.file = "none".into();
+        swap.vfstype = "swap".into();
+        assert_eq!(find_existing(&parse(FSTAB), &swap, &ids(), &no_resolve), Existing::None);
+        let mut root = ours();
+        root.file = "//".into();
+        match find_existing(&parse(FSTAB), &root, &ids(), &no_resolve) {
+            Existing::Conflict(r) => assert!(r.starts_with("fstab line 2 already mounts something at //"), "{r}"),
+            x => panic!("{x:?}"),
+        }
+    }
+
+    #[test]
+    fn temp_file_is_hidden_beside_fstab() {
+        assert_eq!(temp_path(Path::new("/etc/fstab")), Path::new("/etc/.fstab.xcp-vm-agent.tmp"));
+        assert_eq!(temp_path(Path::new("/")), Path::new("/.fstab.xcp-vm-agent.tmp"));
+    }
+
+    #[test]
+    fn read_gives_the_text_and_refuses_non_utf8() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fstab");
+        fs::write(&p, FSTAB).unwrap();
+        assert_eq!(read(&p).unwrap(), FSTAB);
+        fs::write(&p, b"/dev/x /\xff ext4\n").unwrap();
+        assert!(read(&p).unwrap_err().to_string().contains("not valid UTF-8"));
+        assert!(read(d.path()).unwrap_err().to_string().contains("cannot read"), "a directory");
+    }
+
+    #[test]
+    fn write_atomic_keeps_mode_bits_and_owner() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fstab");
+        fs::write(&p, "# old\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        // Running as root the owner can be set to anyone; as another user
+        // only to oneself.
+        let (uid, gid) = if fs::metadata("/proc/self").unwrap().uid() == 0 {
+            (4321, 4322)
+        } else {
+            let m = fs::metadata(&p).unwrap();
+            (m.uid(), m.gid())
+        };
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        write_atomic(&p, "# new\n", |_| Ok(())).unwrap();
+        let m = fs::metadata(&p).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, uid, gid));
+    }
 }
