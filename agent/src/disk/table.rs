@@ -387,4 +387,129 @@ mod tests {
         assert_eq!((b + 1) * 4096 % (1 << 20), 0);
         assert!(init_partition_range(1 << 20, 512).is_none());
     }
+
+    #[test]
+    fn sfdisk_json_errors_are_named() {
+        assert!(parse_sfdisk_json("{", "/dev/x").unwrap_err().to_string().contains("cannot parse sfdisk --json"));
+        assert!(parse_sfdisk_json("{}", "/dev/x").unwrap_err().to_string().contains("no partitiontable"));
+        let e = parse_sfdisk_json(r#"{"partitiontable":{"partitions":[{"node":"/dev/xp"}]}}"#, "/dev/x").unwrap_err();
+        assert!(e.to_string().contains("cannot tell the partition number of /dev/xp"), "{e}");
+        assert!(render_dump("[").unwrap_err().to_string().contains("cannot parse sfdisk --json"));
+        assert!(render_dump("{}").unwrap_err().to_string().contains("no partitiontable"));
+        // A partition without start or size reads as 0, not an error.
+        let t = parse_sfdisk_json(r#"{"partitiontable":{"partitions":[{"node":"/dev/nvme0n1p3"}]}}"#, "/dev/nvme0n1");
+        let p = &t.unwrap().partitions[0];
+        assert_eq!((p.number, p.start, p.size, p.type_.as_str(), p.uuid.as_deref()), (3, 0, 0, "", None));
+    }
+
+    #[test]
+    fn dump_quotes_backslash_and_unprintable_bytes() {
+        assert_eq!(dump_quote("a b~"), "\"a b~\"");
+        assert_eq!(dump_quote("\\\"\u{7f}\u{1f}é"), "\"\\x5c\\x22\\x7f\\x1f\\xc3\\xa9\"");
+    }
+
+    #[test]
+    fn extended_container_types() {
+        for t in ["5", "f", "F", "85"] {
+            assert!(is_extended(t), "{t}");
+        }
+        for t in ["83", "82", "8e", "ee", "", "0FC63DAF-8483-4772-8E79-3D69D8477DE4"] {
+            assert!(!is_extended(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn blocker_bounds_are_exact() {
+        let t = t();
+        let g = grow_limit(&t, 1, 400000, 512).unwrap();
+        // p1 ends where p2 starts, p2 ends at 124927.
+        assert_eq!(g.max_end, 104447);
+        assert_eq!(g.free_beyond_blocker, (400000 - 34 - 124927) * 512);
+        assert_eq!(g.mbr_capped_bytes, 0);
+        // Exactly 1 MiB free beyond the last partition is worth naming the
+        // blocker; one sector less is not.
+        let g = grow_limit(&t, 1, 124927 + 34 + 2048, 512).unwrap();
+        assert_eq!(g.blocker, Some((2, "/dev/loop0p2".into())));
+        assert_eq!(g.free_beyond_blocker, 1 << 20);
+        let g = grow_limit(&t, 1, 124927 + 34 + 2047, 512).unwrap();
+        assert_eq!((g.blocker, g.free_beyond_blocker), (None, 0));
+        assert_eq!(grow_limit(&t, 3, 400000, 512), None, "no partition 3");
+    }
+
+    #[test]
+    fn growth_of_exactly_one_mib_counts() {
+        let t = t();
+        // p2 ends at 124927: a disk of 124927 + 2048 + 34 sectors leaves
+        // exactly 2048 sectors (1 MiB) to grow by.
+        let g = grow_limit(&t, 2, 124927 + 2048 + 34, 512).unwrap();
+        assert_eq!((g.max_end, g.growable_bytes), (124927 + 2048, 1 << 20));
+        let g = grow_limit(&t, 2, 124927 + 2047 + 34, 512).unwrap();
+        assert_eq!((g.max_end, g.growable_bytes), (124927 + 2047, 0));
+    }
+
+    #[test]
+    fn a_partition_at_the_last_usable_sector_still_blocks() {
+        let mut t = t();
+        t.partitions[1].start = 200000 - 34;
+        t.partitions[1].size = 1;
+        let g = grow_limit(&t, 1, 200000, 512).unwrap();
+        assert_eq!(g.max_end, 200000 - 34 - 1);
+        assert_eq!(g.growable_bytes, (200000 - 35 - 104447) * 512);
+    }
+
+    #[test]
+    fn mbr_cap_is_not_reported_when_a_partition_blocks_first() {
+        let p = |number: u32, start: u64, size: u64| TablePart {
+            number,
+            node: format!("/dev/sda{number}"),
+            start,
+            size,
+            type_: "83".into(),
+            uuid: None,
+            name: None,
+        };
+        let t = Table { label: "dos".into(), partitions: vec![p(1, 2048, 1 << 20), p(2, 1 << 22, 1 << 20)] };
+        let disk = 3u64 << 31;
+        let g = grow_limit(&t, 1, disk, 512).unwrap();
+        assert_eq!((g.max_end, g.mbr_capped_bytes), ((1 << 22) - 1, 0));
+        assert_eq!(g.growable_bytes, ((1 << 22) - 1 - (2048 + (1 << 20) - 1)) * 512);
+        // The last one meets the cap.
+        let g = grow_limit(&t, 2, disk, 512).unwrap();
+        assert_eq!(g.max_end, MBR_MAX_SECTORS - 1);
+        assert_eq!(g.growable_bytes, (MBR_MAX_SECTORS - 1 - ((1 << 22) + (1 << 20) - 1)) * 512);
+    }
+
+    #[test]
+    fn init_range_exact_ends() {
+        // 1 GiB of 512-byte sectors: the last usable sector is 2097118, so
+        // the partition ends at the last whole MiB below it.
+        assert_eq!(init_partition_range(1 << 30, 512), Some((2048, 1023 * 2048 - 1)));
+        assert_eq!(init_partition_range(1 << 30, 4096), Some((256, 1023 * 256 - 1)));
+        // Room for exactly 1 MiB of area in all is too small: the partition
+        // would be empty.
+        assert_eq!(init_partition_range((2048 + 33) * 512, 512), None);
+        assert_eq!(init_partition_range((4096 + 33) * 512, 512), Some((2048, 4095)));
+        assert_eq!(init_partition_range(33 * 512, 512), None);
+    }
+
+    #[test]
+    fn reads_a_real_table_with_sfdisk() {
+        // sfdisk works on an image file as on a disk (no root needed).
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        let img = img.to_str().unwrap();
+        let runner = Runner::new(false);
+        assert_eq!(read(&runner, img).unwrap(), None, "a blank disk has no table");
+        let o = runner.run_input("sfdisk", &["-q", img], "label: gpt\nstart=2048, size=8192\n", &[0]).unwrap();
+        assert_eq!(o.code, 0);
+        let (t, dump) = read_with_dump(&runner, img).unwrap().unwrap();
+        assert_eq!(t.label, "gpt");
+        assert_eq!((t.partitions.len(), t.partitions[0].number, t.partitions[0].start), (1, 1, 2048));
+        assert_eq!(t.partitions[0].size, 8192);
+        assert!(dump.starts_with("label: gpt\n"), "{dump}");
+        assert_eq!(read(&runner, img).unwrap(), Some(t));
+        let e = read(&runner, "/nonexistent/disk").unwrap_err().to_string();
+        assert!(e.contains("`sfdisk --json /nonexistent/disk` exited with"), "{e}");
+    }
 }
