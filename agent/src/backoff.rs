@@ -34,7 +34,7 @@ impl Backoff {
     /// The upper bound of the next wait, without jitter.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u64.checked_shl(self.failures.min(30)).unwrap_or(u64::MAX);
-        let ms = (self.base.as_millis() as u64).saturating_mul(factor);
+        let ms = u64::try_from(self.base.as_millis()).unwrap_or(u64::MAX).saturating_mul(factor);
         Duration::from_millis(ms).min(self.cap)
     }
 
@@ -64,7 +64,9 @@ impl Rng {
             u64::from_le_bytes(b)
         } else {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            fallback_seed(t.as_nanos() as u64, std::process::id())
+            // The low 64 bits of the nanoseconds.
+            let nanos = t.as_secs().wrapping_mul(1_000_000_000).wrapping_add(u64::from(t.subsec_nanos()));
+            fallback_seed(nanos, std::process::id())
         };
         Rng::new(seed)
     }
@@ -80,7 +82,7 @@ impl Rng {
 
     /// Uniform in `[0, max]`.
     pub fn duration_up_to(&mut self, max: Duration) -> Duration {
-        let ms = max.as_millis() as u64;
+        let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
         if ms == 0 {
             return Duration::ZERO;
         }
@@ -140,7 +142,7 @@ mod tests {
         // Full jitter: waits cover the whole range, not just the top.
         let mut rng = Rng::new(42);
         let max = Duration::from_secs(100);
-        let v: Vec<u64> = (0..2000).map(|_| rng.duration_up_to(max).as_millis() as u64).collect();
+        let v: Vec<u64> = (0..2000).map(|_| u64::try_from(rng.duration_up_to(max).as_millis()).unwrap()).collect();
         assert!(v.iter().all(|&x| x <= 100_000));
         let low = v.iter().filter(|&&x| x < 25_000).count();
         let high = v.iter().filter(|&&x| x > 75_000).count();

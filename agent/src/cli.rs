@@ -189,13 +189,13 @@ pub fn parse(args: &[String]) -> Result<Parsed> {
             } else {
                 opts.push((name.to_string(), value));
             }
-        } else if command.is_none() {
+        } else if let Some(c) = command {
+            bail!("unexpected argument {a:?}; see `{NAME} {} --help`", c.name);
+        } else {
             command = Some(COMMANDS.iter().find(|c| c.name == a).with_context(|| {
                 let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
                 format!("unknown command {a:?}; the commands are {}", names.join(", "))
             })?);
-        } else {
-            bail!("unexpected argument {a:?}; see `{NAME} {} --help`", command.unwrap().name);
         }
     }
     let Some(c) = command else { bail!("no command given; see `{NAME} --help`") };
@@ -294,7 +294,7 @@ fn dispatch(cli: Args) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({"metrics": m, "network": net}))?);
             } else {
                 let v = serde_json::to_value(&m)?;
-                for (k, val) in v.as_object().unwrap() {
+                for (k, val) in v.as_object().into_iter().flatten() {
                     println!("{k:<22} {val}");
                 }
                 for i in net {
@@ -338,7 +338,11 @@ fn dispatch(cli: Args) -> Result<i32> {
             match &cfg.server_url {
                 Some(u) => println!("{}: OK (server {u})", cli.config.display()),
                 None => {
-                    println!("{}: valid, but {}", cli.config.display(), cfg.require_server().unwrap_err());
+                    println!(
+                        "{}: valid, but {}",
+                        cli.config.display(),
+                        cfg.require_server().expect_err("no server_url")
+                    );
                     return Ok(1);
                 }
             }

@@ -412,7 +412,7 @@ pub fn read_body(r: &mut dyn BufRead, head: &Head, max: u64) -> Result<Vec<u8>> 
         if n > max {
             return Err(too_large(n, max));
         }
-        body.reserve_exact(n as usize);
+        body.reserve_exact(usize::try_from(n).unwrap_or(0));
         read_exact_n(r, n, &mut body)?;
     } else {
         // Framed by the end of the connection; a missing TLS close_notify

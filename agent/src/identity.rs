@@ -118,7 +118,7 @@ pub fn collect(root: &Path, xen: &XenFacts) -> Identity {
         for w in crate::xen::cross_check(&pairs) {
             warnings.push(format!("identity sources disagree: {w}; using {}", first.source));
         }
-        (first.value.clone().unwrap(), first.source.clone())
+        (first.value.clone().expect("filtered on is_some"), first.source.clone())
     } else if let Some(m) = &sources[3].value {
         warnings.push(
             "no hypervisor identity (xenstore, /sys/hypervisor/uuid, DMI); using /etc/machine-id, which the \

@@ -131,6 +131,7 @@ macro_rules! trace { ($($t:tt)+) => { $crate::__log!(Trace, $($t)+) }; }
 
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01, in the
 /// proleptic Gregorian calendar (Howard Hinnant's civil-from-days).
+#[allow(clippy::cast_possible_truncation, reason = "the day is 1..=31 and the month 1..=12 by the algorithm")]
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

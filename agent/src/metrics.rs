@@ -106,6 +106,10 @@ pub fn parse_loadavg(text: &str) -> [f64; 3] {
 }
 
 /// Whole seconds since boot (fraction dropped).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "float to integer `as` drops the fraction and saturates: whole seconds"
+)]
 pub fn parse_uptime(text: &str) -> u64 {
     text.split_whitespace().next().and_then(parse_decimal).map(|f| f as u64).unwrap_or(0)
 }

@@ -7,7 +7,7 @@
 //! mutating commands (read-only probes still run, so the plan is accurate).
 use std::ffi::{OsStr, OsString};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 /// What a finished command gave back.
 #[derive(Debug, Clone)]
@@ -76,13 +76,13 @@ impl Runner {
 
     /// The commands a dry run would have executed, in order.
     pub fn plan(&self) -> Vec<String> {
-        self.plan.lock().unwrap().clone()
+        self.plan.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Record a step of the plan that is not an external command (for
     /// example "write /etc/fstab").
     pub fn note(&self, step: impl Into<String>) {
-        self.plan.lock().unwrap().push(step.into());
+        self.plan.lock().unwrap_or_else(PoisonError::into_inner).push(step.into());
     }
 
     /// Run a read-only probe: always executed, even in dry-run mode. Returns
@@ -100,7 +100,7 @@ impl Runner {
             self.note(line);
             return Ok(Output { code: 0, stdout: String::new(), stderr: String::new() });
         }
-        self.plan.lock().unwrap().push(line.clone());
+        self.plan.lock().unwrap_or_else(PoisonError::into_inner).push(line.clone());
         let out = exec(prog, args)?;
         if ok_codes.contains(&out.code) {
             Ok(out)
@@ -119,7 +119,7 @@ impl Runner {
         ok_codes: &[i32],
     ) -> Result<Output, CmdError> {
         let line = format!("{} <<< {:?}", render(prog, args), input);
-        self.plan.lock().unwrap().push(line.clone());
+        self.plan.lock().unwrap_or_else(PoisonError::into_inner).push(line.clone());
         if self.dry_run {
             return Ok(Output { code: 0, stdout: String::new(), stderr: String::new() });
         }

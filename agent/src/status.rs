@@ -11,7 +11,7 @@
 use anyhow::{Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::daemon::Shared;
@@ -77,12 +77,12 @@ pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr> {
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (code, ctype, body) = match path {
                 "/health" => {
-                    let health = shared.health.lock().unwrap().clone();
+                    let health = shared.health.lock().unwrap_or_else(PoisonError::into_inner).clone();
                     let code = if health.healthy { "200 OK" } else { "503 Service Unavailable" };
                     (code, "application/json", serde_json::to_string(&health).unwrap_or_default())
                 }
                 "/metrics" => {
-                    let m = sampler.lock().unwrap().sample();
+                    let m = sampler.lock().unwrap_or_else(PoisonError::into_inner).sample();
                     ("200 OK", "text/plain; version=0.0.4", crate::metrics::prometheus(&m))
                 }
                 _ => ("404 Not Found", "text/plain", "not found: try /health or /metrics\n".to_string()),
@@ -102,7 +102,7 @@ mod tests {
     fn requests_are_bounded() {
         let ok = read_request(&mut &b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"[..]).unwrap();
         assert_eq!(ok, "GET /health HTTP/1.1\r\n");
-        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE as usize));
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(usize::try_from(MAX_LINE).unwrap()));
         assert_eq!(read_request(&mut long.as_bytes()).unwrap_err(), Some("414 URI Too Long"));
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(4000));
         assert_eq!(read_request(&mut many.as_bytes()).unwrap_err(), Some("431 Request Header Fields Too Large"));

@@ -221,7 +221,7 @@ fn extend_mbr_grows_to_the_2_tib_limit() {
     let mp = l.mount(&p1, "mnt");
     let o = Agent::new().exec("ExtendPartition", json!({"mount_point": mp}));
     o.expect("succeeded").expect_message("2 TiB limit");
-    let end = (2048 + Loop::size_of(&p1) / 512) as u64;
+    let end = 2048 + Loop::size_of(&p1) / 512;
     assert!(end <= 1 << 32 && end > (1 << 32) - 2048 * 2, "partition ends at sector {end}: {o}");
     // The rerun must not claim the disk did not grow: it did, MBR is the cap.
     let o = Agent::new().exec("ExtendPartition", json!({"mount_point": mp}));

@@ -9,6 +9,7 @@
 //! local filesystem, would freeze this machine), and the power hook is set
 //! for the whole process before any agent starts.
 #[path = "disk/util.rs"]
+#[allow(unused_imports, reason = "disk.rs's helpers: this tier uses only some of them")]
 mod util;
 
 use serde_json::{json, Value};

@@ -84,7 +84,7 @@ fn parse_pax(data: &[u8]) -> Result<BTreeMap<String, String>> {
 /// end-of-archive (zero) blocks; fails on bad header checksums and on
 /// anything after the end-of-archive blocks.
 pub fn read_tar(buf: &[u8]) -> Result<(Vec<TarEntry>, bool)> {
-    ensure!(buf.len() % 512 == 0, "tar stream is {} bytes, not a multiple of 512", buf.len());
+    ensure!(buf.len().is_multiple_of(512), "tar stream is {} bytes, not a multiple of 512", buf.len());
     let mut entries = Vec::new();
     let mut pos = 0;
     let mut pending: BTreeMap<String, String> = BTreeMap::new();

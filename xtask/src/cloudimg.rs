@@ -12,6 +12,7 @@
 //! - [`package_disk`]: a vfat image labelled `XCPPKG` carrying our package
 //!   (and, for catalogue images, the tools the image lacks), so the guest
 //!   installs with no network.
+//!
 //! [`user_data`] writes the cloud-config that mounts the package disk,
 //! writes the agent's config and certificates, runs the image's `install`
 //! command and starts the probe.
@@ -415,7 +416,7 @@ pub fn run(args: &[String]) -> Result<()> {
         None => {
             step("vm-cloud: building the .deb (cargo xtask dist)");
             crate::dist::run(&[])?;
-            util::root().join("target/dist").join(crate::dist::deb_name(&crate::dist::workspace_version()?))
+            util::root().join("target/dist").join(crate::pkgmeta::deb_name(&crate::pkgmeta::workspace_version()?))
         }
     };
     util::run(util::cargo().args(["build", "-q", "-p", "vm-tests", "--bin", "mgmt-server"]))?;

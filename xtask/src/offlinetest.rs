@@ -16,7 +16,8 @@
 //! the takeover of the Python agent 1.0.3, the refusals, and `--image` on a
 //! raw GPT disk image (loop device) and on a qcow2 copy, with an image held
 //! open refused and Ctrl-C cleaning up.
-use crate::dist::{self, NAME};
+use crate::dist;
+use crate::pkgmeta::NAME;
 use crate::util::{self, root, step};
 use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -911,9 +912,9 @@ fn lvm_image(stage: &Path) -> Result<()> {
         lvm(&pv, &["vgcfgbackup", "-q", "-f", &backup.to_string_lossy(), "off-vg"])?;
         let mut text = std::fs::read_to_string(&backup)?;
         let lv = |name: &str, first: u64, count: u64| {
+            let id = format!("{name:0<6}-0000-0000-0000-0000-0000-000000");
             format!(
                 "\t\t{name} {{\n\t\t\tid = \"{id}\"\n\t\t\tstatus = [\"READ\", \"WRITE\", \"VISIBLE\"]\n\t\t\tflags = []\n\t\t\tsegment_count = 1\n\t\t\tsegment1 {{\n\t\t\t\tstart_extent = 0\n\t\t\t\textent_count = {count}\n\t\t\t\ttype = \"striped\"\n\t\t\t\tstripe_count = 1\n\t\t\t\tstripes = [\"pv0\", {first}]\n\t\t\t}}\n\t\t}}\n",
-                id = format!("{name:0<6}-0000-0000-0000-0000-0000-000000")
             )
         };
         let lvs = format!(

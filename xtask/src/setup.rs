@@ -144,6 +144,13 @@ pub fn run_setup(quiet_if_done: bool) -> Result<()> {
         step("setup: installing cargo-fuzz from crates.io (cargo install --locked)");
         util::run(crate::util::cargo().args(["install", "--locked", "cargo-fuzz@0.13.2"]))?;
     }
+    // clippy, for the lint step of cargo xtask test (the workspace lints in
+    // Cargo.toml); a minimal rustup profile leaves it out.
+    let has_clippy = crate::util::cargo().args(["clippy", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !has_clippy {
+        step("setup: adding the clippy component (rustup component add clippy)");
+        util::run(Command::new("rustup").args(["component", "add", "clippy"]))?;
+    }
     // The musl target gives a static binary that runs on glibc and musl
     // systems; without it `dist` falls back to gnu + crt-static.
     let targets = Command::new("rustup").args(["target", "list", "--installed"]).output();

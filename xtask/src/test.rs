@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every test tier, in order. CI runs exactly this.
 //!
 //! Tiers (docs/testing.md; root and CI are defined once, in
-//! vm-tests/src/tier.rs): formatting; the plain tier (unit and integration
+//! vm-tests/src/tier.rs): formatting; clippy with the workspace lints; the plain tier (unit and integration
 //! tests: real mgmt-server, real TLS on loopback; root-only tests are
 //! `#[ignore]` there); the root tier (those tests, as root, with
 //! `--ignored`); the packaging checks; the signed repositories; the
@@ -59,7 +59,7 @@ fn parse_result(line: &str) -> Option<(u64, u64)> {
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "cargo xtask test [--no-setup]\n\nInstall what is missing (as root), then run: cargo fmt --check; cargo test for the\nworkspace (unit tests, integration tests against the real mgmt-server over TLS);\nevery cargo-fuzz target for 5 s; the root-only loop-device tier; the packaging checks; the signed-repository checks;\nthe booted-VM tier (QEMU, the .deb under systemd). In CI (CI=true) a tier that cannot run fails the run."
+            "cargo xtask test [--no-setup]\n\nInstall what is missing (as root), then run: cargo fmt --check; cargo clippy with the workspace lints (-D warnings); cargo test for the\nworkspace (unit tests, integration tests against the real mgmt-server over TLS);\nevery cargo-fuzz target for 5 s; the root-only loop-device tier; the packaging checks; the signed-repository checks;\nthe booted-VM tier (QEMU, the .deb under systemd). In CI (CI=true) a tier that cannot run fails the run."
         );
         return Ok(());
     }
@@ -68,6 +68,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     step("fmt: cargo fmt --check");
     util::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The workspace lints of Cargo.toml ([workspace.lints], clippy.toml):
+    // every warning fails the run.
+    step("clippy: cargo clippy --workspace --all-targets -- -D warnings");
+    util::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
 
     step("ci: the cloud-image catalogue and the GitHub workflow (ci/)");
     crate::catalogue::ci_checks(&crate::vm::scenario_names())?;
@@ -166,8 +170,9 @@ pub fn run(args: &[String]) -> Result<()> {
         step(
             "cloud path: debian-12-genericcloud by its own bootloader, cloud-init, package disk (cargo xtask vm-cloud)",
         );
-        let deb =
-            crate::util::root().join("target/dist").join(crate::dist::deb_name(&crate::dist::workspace_version()?));
+        let deb = crate::util::root()
+            .join("target/dist")
+            .join(crate::pkgmeta::deb_name(&crate::pkgmeta::workspace_version()?));
         let args: Vec<String> = if deb.exists() { vec!["--deb".into(), deb.display().to_string()] } else { Vec::new() };
         if let Err(e) = crate::cloudimg::run(&args) {
             println!("{} passed, {} failed", tally.passed, tally.failed + 1);

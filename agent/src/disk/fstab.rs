@@ -59,7 +59,8 @@ pub fn unescape(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
+            // Up to \\777: the low byte, as util-linux's unmangle keeps it.
+            out.push(v.to_le_bytes()[0]);
             i += 4;
         } else {
             out.push(b[i]);

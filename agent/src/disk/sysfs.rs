@@ -118,9 +118,9 @@ impl Sys {
         if let Ok(rd) = fs::read_dir(self.class_dir(disk)) {
             for e in rd.flatten() {
                 let p = e.path().join("partition");
-                if let Ok(n) = read_u64(&p) {
+                if let Some(n) = read_u64(&p).ok().and_then(|n| u32::try_from(n).ok()) {
                     if let Ok(name) = e.file_name().into_string() {
-                        v.push((n as u32, name));
+                        v.push((n, name));
                     }
                 }
             }
@@ -164,7 +164,7 @@ impl Sys {
         }
         let devnum = parse_devnum(&read_trim(&dir.join("dev"))?)
             .ok_or_else(|| anyhow!("cannot parse {}", dir.join("dev").display()))?;
-        let partition = read_u64(&dir.join("partition")).ok().map(|n| n as u32);
+        let partition = read_u64(&dir.join("partition")).ok().and_then(|n| u32::try_from(n).ok());
         let disk = if partition.is_some() { self.parent_disk(name)? } else { name.to_string() };
         let start_512 = if partition.is_some() { Some(read_u64(&dir.join("start"))?) } else { None };
         let size_bytes = read_u64(&dir.join("size"))? * 512;

@@ -36,7 +36,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use crate::jobs::{now_unix, Job, JobContext, JobResult};
 use crate::logging::rfc3339;
@@ -91,7 +91,7 @@ impl Record {
             frozen,
             frozen_at: v["frozen_at"].as_u64()?,
             thaw_at: v["thaw_at"].as_u64()?,
-            guard_pid: v["guard_pid"].as_i64()? as i32,
+            guard_pid: i32::try_from(v["guard_pid"].as_i64()?).ok()?,
         })
     }
 }
@@ -446,62 +446,66 @@ unsafe fn guard_main(
     deadline: libc::timespec,
     name: &[u8; 15],
 ) -> ! {
-    libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
-    libc::dup2(nullfd, 0);
-    libc::dup2(nullfd, 1);
-    libc::dup2(nullfd, 2);
-    for fd in 3..max_fd {
-        if !keep.contains(&fd) {
-            libc::close(fd);
-        }
-    }
-    libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    let mut set: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut set);
-    libc::sigaddset(&mut set, libc::SIGTERM);
-    libc::sigaddset(&mut set, libc::SIGINT);
-    libc::sigaddset(&mut set, libc::SIGHUP);
-    libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    let me = libc::getpid();
-    libc::write(pipe_w, (&me as *const i32).cast(), 4);
-    // At most 64 filesystems are tracked for the thaw (more are reported
-    // as not frozen).
-    let mut froze = [false; 64];
-    for (i, &fd) in fds.iter().enumerate() {
-        let err: i32 = if i >= froze.len() {
-            libc::EMFILE
-        } else if libc::ioctl(fd, FIFREEZE as _, 0) == 0 {
-            froze[i] = true;
-            0
-        } else {
-            *libc::__errno_location()
-        };
-        libc::write(pipe_w, (&err as *const i32).cast(), 4);
-    }
-    libc::close(pipe_w);
-    if froze.iter().any(|f| *f) {
-        loop {
-            let now = monotonic_now();
-            if (now.tv_sec, now.tv_nsec) >= (deadline.tv_sec, deadline.tv_nsec) {
-                break;
-            }
-            let mut left =
-                libc::timespec { tv_sec: deadline.tv_sec - now.tv_sec, tv_nsec: deadline.tv_nsec - now.tv_nsec };
-            if left.tv_nsec < 0 {
-                left.tv_sec -= 1;
-                left.tv_nsec += 1_000_000_000;
-            }
-            if libc::sigtimedwait(&set, std::ptr::null_mut(), &left) > 0 {
-                break;
+    // SAFETY: the caller's contract (the forked guard, async-signal-safe
+    // calls only on descriptors it was given) covers every call below.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+        libc::dup2(nullfd, 0);
+        libc::dup2(nullfd, 1);
+        libc::dup2(nullfd, 2);
+        for fd in 3..max_fd {
+            if !keep.contains(&fd) {
+                libc::close(fd);
             }
         }
-        for (i, &fd) in fds.iter().enumerate().rev() {
-            if i < froze.len() && froze[i] {
-                libc::ioctl(fd, FITHAW as _, 0);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let me = libc::getpid();
+        libc::write(pipe_w, (&me as *const i32).cast(), 4);
+        // At most 64 filesystems are tracked for the thaw (more are reported
+        // as not frozen).
+        let mut froze = [false; 64];
+        for (i, &fd) in fds.iter().enumerate() {
+            let err: i32 = if i >= froze.len() {
+                libc::EMFILE
+            } else if libc::ioctl(fd, FIFREEZE as _, 0) == 0 {
+                froze[i] = true;
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::write(pipe_w, (&err as *const i32).cast(), 4);
+        }
+        libc::close(pipe_w);
+        if froze.iter().any(|f| *f) {
+            loop {
+                let now = monotonic_now();
+                if (now.tv_sec, now.tv_nsec) >= (deadline.tv_sec, deadline.tv_nsec) {
+                    break;
+                }
+                let mut left =
+                    libc::timespec { tv_sec: deadline.tv_sec - now.tv_sec, tv_nsec: deadline.tv_nsec - now.tv_nsec };
+                if left.tv_nsec < 0 {
+                    left.tv_sec -= 1;
+                    left.tv_nsec += 1_000_000_000;
+                }
+                if libc::sigtimedwait(&set, std::ptr::null_mut(), &left) > 0 {
+                    break;
+                }
+            }
+            for (i, &fd) in fds.iter().enumerate().rev() {
+                if i < froze.len() && froze[i] {
+                    libc::ioctl(fd, FITHAW as _, 0);
+                }
             }
         }
+        libc::_exit(0)
     }
-    libc::_exit(0)
 }
 
 // ---- the daemon while its state directory is frozen ----
@@ -512,7 +516,7 @@ unsafe fn guard_main(
 static UNFINISHED: Mutex<Vec<JobResult>> = Mutex::new(Vec::new());
 
 pub fn defer(r: &JobResult) {
-    UNFINISHED.lock().unwrap().push(r.clone());
+    UNFINISHED.lock().unwrap_or_else(PoisonError::into_inner).push(r.clone());
 }
 
 /// Run a job that arrived while the state directory is frozen (nothing is
@@ -535,10 +539,10 @@ pub fn run_while_frozen(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobR
 /// Once the state directory is writable again, spool what was kept in
 /// memory for it (dropping the copy in `unspooled`).
 pub fn settle(state: &mut crate::state::State, unspooled: &mut Vec<JobResult>) -> Result<()> {
-    if UNFINISHED.lock().unwrap().is_empty() || blocks(state.dir()) {
+    if UNFINISHED.lock().unwrap_or_else(PoisonError::into_inner).is_empty() || blocks(state.dir()) {
         return Ok(());
     }
-    let list = std::mem::take(&mut *UNFINISHED.lock().unwrap());
+    let list = std::mem::take(&mut *UNFINISHED.lock().unwrap_or_else(PoisonError::into_inner));
     for r in list {
         state.finish(&r)?;
         unspooled.retain(|u| u.job_id != r.job_id);

@@ -271,7 +271,7 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
     r.operation = job.operation.clone();
     r.started_at = started_at;
     r.finished_at = now_unix();
-    r.duration_ms = started.elapsed().as_millis() as u64;
+    r.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     r
 }
 

@@ -494,7 +494,8 @@ impl Client {
         let req_id = self.next_req;
         self.next_req = self.next_req.wrapping_add(1).max(1);
         let mut msg = Vec::with_capacity(HEADER_LEN + len);
-        for v in [op as u32, req_id, tx.0, len as u32] {
+        // len <= PAYLOAD_MAX, checked above.
+        for v in [op as u32, req_id, tx.0, u32::try_from(len).unwrap_or(u32::MAX)] {
             msg.extend_from_slice(&v.to_le_bytes());
         }
         for p in parts {
@@ -556,7 +557,7 @@ impl Client {
                 return Err(XsError::Timeout { op, path: path.into(), after: self.timeout });
             }
             let mut pfd = nix::libc::pollfd { fd: self.conn.raw_fd(), events, revents: 0 };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let ms = i32::try_from(left.as_millis().clamp(1, i32::MAX as u128)).unwrap_or(i32::MAX);
             // SAFETY: one valid pollfd for a descriptor this client owns.
             let rc = unsafe { nix::libc::poll(&mut pfd, 1, ms) };
             if rc < 0 {
@@ -701,7 +702,7 @@ mod tests {
 
     fn msg(t: u32, req: u32, body: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
-        for v in [t, req, 0, body.len() as u32] {
+        for v in [t, req, 0, u32::try_from(body.len()).unwrap()] {
             m.extend_from_slice(&v.to_le_bytes());
         }
         m.extend_from_slice(body);
