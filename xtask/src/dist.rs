@@ -5,35 +5,27 @@
 //!
 //! Reproducible: every timestamp is `SOURCE_DATE_EPOCH` (default: the last
 //! commit's time), every archive is sorted and owned by root, gzip headers
-//! carry no time or name. `pkgtest` builds twice and compares.
+//! carry no time or name. `pkgtest` builds twice and compares (it calls this
+//! module; this module never calls it). What the packages are called and say
+//! (name, summary, dependencies, artifact file names) is in `pkgmeta`.
 //!
 //! The package contents are listed once, in [`contents`]; the three package
 //! formats differ only in which init files they take and in their scripts
 //! (`packaging/{deb,rpm,apk}`). To add a file: one line in [`contents`].
 use crate::apk;
+use crate::pkgmeta::{
+    apk_name, deb_name, rpm_name, tarball_name, workspace_version, APK_DEPENDS, DEB_DEPENDS, DESCRIPTION, LICENSE,
+    MAINTAINER, NAME, RPM_REQUIRES, SUMMARY, URL,
+};
 use crate::util::{self, cargo, have, root, step};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const NAME: &str = "xcp-vm-agent";
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
-const SUMMARY: &str = "In-guest agent for XCP-ng and KVM virtual machines";
-const DESCRIPTION: &str = "xcp-vm-agent runs inside XCP-ng and KVM virtual machines. It checks in with a \
-management server over mutually authenticated HTTPS, reports the VM's identity and metrics, and runs the \
-jobs it is given: extending and initialising disks and file systems, and running scripts.";
-const MAINTAINER: &str = "xcp-vm-agent maintainers <xcp-vm-agent@example.invalid>";
-const URL: &str = "https://example.invalid/xcp-vm-agent";
-const LICENSE: &str = "GPL-2.0-only";
-
-/// Tools the disk jobs run, named per distribution.
-const DEB_DEPENDS: &str = "cloud-guest-utils, parted | gdisk, e2fsprogs, xfsprogs, util-linux (>= 2.29)";
-const RPM_REQUIRES: &[&str] =
-    &["(cloud-utils-growpart or growpart)", "(parted or gdisk)", "e2fsprogs", "xfsprogs", "util-linux"];
-const APK_DEPENDS: &[&str] = &["cloud-utils-growpart", "parted", "sgdisk", "e2fsprogs", "xfsprogs", "util-linux"];
 
 /// Options for one packaging run.
 pub struct Opts {
@@ -60,9 +52,6 @@ pub fn run(args: &[String]) -> Result<()> {
         );
         return Ok(());
     }
-    if args.first().map(String::as_str) == Some("--check") {
-        return crate::pkgtest::run(&args[1..]);
-    }
     let mut version = workspace_version()?;
     let mut out = root().join("target/dist");
     let mut binary: Option<PathBuf> = None;
@@ -88,22 +77,6 @@ pub fn run(args: &[String]) -> Result<()> {
         eprintln!("    {:>9} bytes  {}", len, f.file_name().unwrap().to_string_lossy());
     }
     Ok(())
-}
-
-pub fn workspace_version() -> Result<String> {
-    let text = std::fs::read_to_string(root().join("Cargo.toml"))?;
-    let mut in_pkg = false;
-    for line in text.lines() {
-        let l = line.trim();
-        if l.starts_with('[') {
-            in_pkg = l == "[workspace.package]";
-        } else if in_pkg && l.starts_with("version") {
-            if let Some(v) = l.split('"').nth(1) {
-                return Ok(v.to_string());
-            }
-        }
-    }
-    bail!("no version in [workspace.package] of Cargo.toml")
 }
 
 /// `SOURCE_DATE_EPOCH`, else the last commit's time, else 0.
@@ -412,19 +385,6 @@ pub fn package_all(opts: &Opts, bin: &Path) -> Result<Vec<PathBuf>> {
     std::fs::write(&sums_path, sums)?;
     files.push(sums_path);
     Ok(files)
-}
-
-pub fn deb_name(version: &str) -> String {
-    format!("{NAME}_{version}_amd64.deb")
-}
-pub fn rpm_name(version: &str) -> String {
-    format!("{NAME}-{version}-1.x86_64.rpm")
-}
-pub fn apk_name(version: &str) -> String {
-    format!("{NAME}-{version}-r0.apk")
-}
-pub fn tarball_name(version: &str) -> String {
-    format!("{NAME}-{version}-x86_64.tar.gz")
 }
 
 /// Install cargo-deb at the pinned version when it is missing or different.

@@ -14,6 +14,7 @@ mod dist;
 mod fuzz;
 mod mutants;
 mod offlinetest;
+mod pkgmeta;
 mod pkgtest;
 mod repo;
 mod repotest;
@@ -65,6 +66,9 @@ fn main() {
         "setup" => setup::run(rest),
         "fuzz" => fuzz::run(rest),
         "demo" => demo::run(rest),
+        // `dist --check` is the packaging tier: dispatched here, so that
+        // `dist` (which pkgtest calls) never calls pkgtest.
+        "dist" if rest.first().map(String::as_str) == Some("--check") => pkgtest::run(&rest[1..]),
         "dist" => dist::run(rest),
         "repo" => repo::run(rest),
         "bench" => bench::run(rest),

@@ -17,7 +17,8 @@
 //! The Debian chroot is made once by mmdebstrap (minbase plus the tools the
 //! package depends on, which proves those names exist in Debian) and cached as
 //! `target/pkgtest/debian-bookworm.tar`; each scenario unpacks a fresh copy.
-use crate::dist::{self, Opts, NAME};
+use crate::dist::{self, Opts};
+use crate::pkgmeta::{self, NAME};
 use crate::util::{self, in_ci, is_root, root, step};
 use crate::{apk, apkcheck};
 use anyhow::{bail, ensure, Context, Result};
@@ -94,7 +95,7 @@ pub fn run_tier(_args: &[String]) -> Result<bool> {
     step("packaging: build the binary and the packages (N, N again, N+1)");
     let epoch = dist::source_date_epoch()?;
     let (bin, target) = dist::build_binary(epoch)?;
-    let version = dist::workspace_version()?;
+    let version = pkgmeta::workspace_version()?;
     let next = next_version(&version);
     let n = Opts { version: version.clone(), epoch, out: work().join("n"), config: None };
     let n_again = Opts { version: version.clone(), epoch, out: work().join("n-again"), config: None };
@@ -121,10 +122,10 @@ pub fn run_tier(_args: &[String]) -> Result<bool> {
     }
     eprintln!("    identical:\n{a}");
 
-    let deb = n.out.join(dist::deb_name(&version));
-    let rpm = n.out.join(dist::rpm_name(&version));
-    let apk = n.out.join(dist::apk_name(&version));
-    let tgz = n.out.join(dist::tarball_name(&version));
+    let deb = n.out.join(pkgmeta::deb_name(&version));
+    let rpm = n.out.join(pkgmeta::rpm_name(&version));
+    let apk = n.out.join(pkgmeta::apk_name(&version));
+    let tgz = n.out.join(pkgmeta::tarball_name(&version));
 
     step("packaging: lintian");
     lintian(&deb)?;
@@ -148,9 +149,9 @@ pub fn run_tier(_args: &[String]) -> Result<bool> {
 
     let base = chroot_base()?;
     step("packaging: .deb lifecycle in a Debian chroot");
-    deb_lifecycle(&base, &deb, &n1.out.join(dist::deb_name(&next)), &version, &next)?;
+    deb_lifecycle(&base, &deb, &n1.out.join(pkgmeta::deb_name(&next)), &version, &next)?;
     step("packaging: .rpm lifecycle with rpm --root --nodeps");
-    rpm_lifecycle(&base, &rpm, &n1.out.join(dist::rpm_name(&next)), &cfg1)?;
+    rpm_lifecycle(&base, &rpm, &n1.out.join(pkgmeta::rpm_name(&next)), &cfg1)?;
     step("packaging: install.sh / uninstall.sh in a chroot, per init system");
     tarball_install(&base, &tgz, &version)?;
     step("packaging: taking over from the Python agent 1.0.3 (stand-in layout, systemd chroots)");
@@ -166,7 +167,7 @@ fn takeover_only() -> Result<()> {
     ensure!(is_root(), "the takeover checks need root (chroots)");
     let epoch = dist::source_date_epoch()?;
     let (bin, _) = dist::build_binary(epoch)?;
-    let version = dist::workspace_version()?;
+    let version = pkgmeta::workspace_version()?;
     let n = Opts { version: version.clone(), epoch, out: work().join("n"), config: None };
     if n.out.exists() {
         std::fs::remove_dir_all(&n.out)?;
@@ -175,10 +176,10 @@ fn takeover_only() -> Result<()> {
     let sd = chroot_base_systemd()?;
     crate::takeover::run(
         &sd,
-        &n.out.join(dist::deb_name(&version)),
-        &n.out.join(dist::rpm_name(&version)),
-        &n.out.join(dist::apk_name(&version)),
-        &n.out.join(dist::tarball_name(&version)),
+        &n.out.join(pkgmeta::deb_name(&version)),
+        &n.out.join(pkgmeta::rpm_name(&version)),
+        &n.out.join(pkgmeta::apk_name(&version)),
+        &n.out.join(pkgmeta::tarball_name(&version)),
         &version,
     )
 }
@@ -738,10 +739,10 @@ fn write_figures(n: &Opts, bin: &Path, target: &str, exposure: &str) -> Result<(
     fig.insert("binary_bytes".into(), std::fs::metadata(bin)?.len().into());
     let version = &n.version;
     for (k, f) in [
-        ("deb_bytes", dist::deb_name(version)),
-        ("rpm_bytes", dist::rpm_name(version)),
-        ("apk_bytes", dist::apk_name(version)),
-        ("tarball_bytes", dist::tarball_name(version)),
+        ("deb_bytes", pkgmeta::deb_name(version)),
+        ("rpm_bytes", pkgmeta::rpm_name(version)),
+        ("apk_bytes", pkgmeta::apk_name(version)),
+        ("tarball_bytes", pkgmeta::tarball_name(version)),
     ] {
         let len = std::fs::metadata(n.out.join(&f))?.len();
         ensure!(len < 1_500_000, "{f} is {len} bytes, above the 1.5 MB target");

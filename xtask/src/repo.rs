@@ -24,7 +24,7 @@
 //! for this run and saved beside (never inside) DIR.
 use crate::apk::{self, gzip, sha256_hex};
 use crate::apkcheck;
-use crate::dist::NAME;
+use crate::pkgmeta::NAME;
 use crate::util::{self, root, step};
 use anyhow::{bail, ensure, Context, Result};
 use pgp::composed::{

@@ -16,7 +16,8 @@
 //! the same tree (keys loaded with `--key`/`--apk-key`) `apt-get upgrade`
 //! moves to N+1 and keeps the edited config byte for byte.
 use crate::apkcheck::{self, ApkKey};
-use crate::dist::{self, Opts, NAME};
+use crate::dist::{self, Opts};
+use crate::pkgmeta::{self, NAME};
 use crate::repo;
 use crate::util::{self, in_ci, is_root, root, step};
 use anyhow::{bail, ensure, Context, Result};
@@ -54,7 +55,7 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&w)?;
     let epoch = dist::source_date_epoch()?;
     let (bin, _) = dist::build_binary(epoch)?;
-    let v = dist::workspace_version()?;
+    let v = pkgmeta::workspace_version()?;
     let v1 = next_version(&v);
     let n = Opts { version: v.clone(), epoch, out: w.join("n"), config: None };
     let n1 = Opts { version: v1.clone(), epoch, out: w.join("n1"), config: None };
@@ -86,7 +87,7 @@ pub fn run() -> Result<()> {
     step("repositories: apk index and packages (our checker, signatures by the published key)");
     check_apk_repo(&www, &keys.apk_name, std::slice::from_ref(&v))?;
     step("repositories: rpm signatures (rpmkeys --checksig), dnf (gpgcheck=1 repo_gpgcheck=1) and zypper");
-    check_rpm_repo(&www, &n.out.join(dist::rpm_name(&v)), &v)?;
+    check_rpm_repo(&www, &n.out.join(pkgmeta::rpm_name(&v)), &v)?;
 
     if !is_root() {
         if in_ci() {
@@ -170,7 +171,7 @@ fn check_apk_repo(www: &Path, key_name: &str, versions: &[String]) -> Result<()>
     let recs = apkcheck::check_index(&index, &keys).context("APKINDEX.tar.gz")?;
     ensure!(recs.len() == versions.len(), "APKINDEX lists {} packages, expected {}", recs.len(), versions.len());
     for v in versions {
-        let file = dir.join(dist::apk_name(v));
+        let file = dir.join(pkgmeta::apk_name(v));
         let pkg = std::fs::read(&file)?;
         let s = apkcheck::check_bytes(&pkg).with_context(|| format!("{}", file.display()))?;
         ensure!(s.signed, "{} is not signed", file.display());
@@ -198,7 +199,7 @@ fn check_rpm_repo(www: &Path, unsigned: &Path, v: &str) -> Result<()> {
     util::output(
         Command::new("rpmkeys").arg("--root").arg(&kroot).arg("--import").arg(www.join(format!("{NAME}.asc"))),
     )?;
-    let signed = www.join("rpm/packages").join(dist::rpm_name(v));
+    let signed = www.join("rpm/packages").join(pkgmeta::rpm_name(v));
     let checksig = |p: &Path| -> Result<String> {
         let o =
             Command::new("rpmkeys").arg("--root").arg(&kroot).arg("--checksig").arg(p).env("LC_ALL", "C").output()?;

@@ -22,7 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-const NAME: &str = crate::dist::NAME;
+const NAME: &str = crate::pkgmeta::NAME;
 const BACKUP: &str = "var/backups/xcp-vm-agent-1.0.3";
 const LINE: &str = "took over from the Python agent 1.0.3";
 const FOREIGN: &str = "was not written by the Python agent 1.0.3";

@@ -229,7 +229,7 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
     }
     std::fs::create_dir_all(&run_dir)?;
 
-    let version = crate::dist::workspace_version()?;
+    let version = crate::pkgmeta::workspace_version()?;
     let next_version = next_version(&version);
     let (deb, next_deb) = packages(o, &version, &next_version)?;
     step("vm: building mgmt-server");
@@ -410,7 +410,7 @@ fn packages(o: &Opts, version: &str, next: &str) -> Result<(PathBuf, PathBuf)> {
         None => {
             step("vm: building the .deb (cargo xtask dist)");
             crate::dist::run(&[])?;
-            root().join("target/dist").join(crate::dist::deb_name(version))
+            root().join("target/dist").join(crate::pkgmeta::deb_name(version))
         }
     };
     ensure!(deb.exists(), "{} does not exist", deb.display());
@@ -427,7 +427,7 @@ fn packages(o: &Opts, version: &str, next: &str) -> Result<(PathBuf, PathBuf)> {
         "--binary".into(),
         bin.display().to_string(),
     ])?;
-    Ok((deb, dir.join(crate::dist::deb_name(next))))
+    Ok((deb, dir.join(crate::pkgmeta::deb_name(next))))
 }
 
 /// The agent binary of `deb` with its version string changed from

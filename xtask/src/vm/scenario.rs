@@ -715,7 +715,7 @@ fn inject_offline(c: &mut Ctx) -> Result<String> {
     let init = c.img.init;
     ensure!(c.boots == 0, "inject-offline must run before its chain's first boot");
     c.set_step("install.sh --image from the host into the stopped VM's disk");
-    let tgz = crate::util::root().join("target/dist").join(crate::dist::tarball_name(&c.env.version));
+    let tgz = crate::util::root().join("target/dist").join(crate::pkgmeta::tarball_name(&c.env.version));
     ensure!(tgz.exists(), "{} does not exist (cargo xtask dist makes it)", tgz.display());
     let dir = c.dir.join("tarball");
     if dir.exists() {
