@@ -5,7 +5,8 @@
 //! Loading is two steps: the JSON is read into [`RawConfig`] (everything
 //! optional, unknown keys collected as warnings), then validated into
 //! [`Config`] with typed fields and defaults. Adding a key: a field in both,
-//! its default in `validate`, and a line in `docs/configuration.md`.
+//! its default in `validate`, and a row in the configuration table of
+//! `README.md`.
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
