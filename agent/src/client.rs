@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::http::{Failure, Https, Proxy, Target, Timeouts};
+use crate::http::{Failure, HttpError, Https, Proxy, Target, Timeouts};
 use crate::protocol::{CheckIn, ResultsAck, ResultsReport, CHECKIN_PATH, MAX_BODY_BYTES, RESULTS_PATH};
 
 /// System CA bundles, as the common distributions lay them out.
@@ -176,43 +176,47 @@ fn snippet(s: &str) -> String {
     }
 }
 
-/// One sentence for a transport error, naming TLS problems plainly.
+/// One sentence for a transport error, naming TLS problems plainly, by the
+/// error's variant and rustls error (never by its words).
 /// `in_body`: the answer had started when it happened.
-fn explain(e: &anyhow::Error, has_client_cert: bool, in_body: bool) -> String {
-    let chain = format!("{e:#}");
-    let low = chain.to_ascii_lowercase();
-    if low.contains("unknownissuer") || low.contains("unknown issuer") || low.contains("invalid peer certificate") {
-        format!("TLS: the server's certificate is not signed by a trusted CA (check server_cert): {chain}")
-    } else if low.contains("unknownca") || low.contains("badcertificate") || low.contains("bad certificate") {
-        format!(
+fn explain(e: &HttpError, has_client_cert: bool, in_body: bool) -> String {
+    use rustls::{AlertDescription as Alert, Error as Tls};
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    let chain = e.to_string();
+    match e {
+        HttpError::Tls { error: Tls::InvalidCertificate(_), .. } => {
+            format!("TLS: the server's certificate is not signed by a trusted CA (check server_cert): {chain}")
+        }
+        HttpError::Tls { error: Tls::AlertReceived(Alert::UnknownCA | Alert::BadCertificate), .. } => format!(
             "TLS: the server did not accept this agent's client certificate (not signed by a CA it trusts; check \
              client_cert): {chain}"
-        )
-    } else if low.contains("tls handshake failed") && (low.contains("connection reset") || low.contains("broken pipe"))
-    {
+        ),
         // Dropped before the handshake finished: a server going down, or
         // something on the port that does not speak TLS.
-        format!("the server reset the connection during the TLS handshake (stopping, or not a TLS server): {chain}")
-    } else if !in_body && (low.contains("broken pipe") || low.contains("connection reset")) {
-        let why = if has_client_cert {
-            "it probably does not accept this agent's client certificate (check client_cert and the CA the server \
-             trusts)"
-        } else {
-            "it probably requires a client certificate, and none is configured (set client_cert)"
-        };
-        format!("the server dropped the connection right after the TLS handshake ({chain}); {why}")
-    } else if low.contains("close_notify") || low.contains("unexpectedeof") || low.contains("unexpected eof") {
-        if in_body {
-            "the server closed the connection in the middle of its answer".to_string()
-        } else {
-            crate::http::CLOSED_WITHOUT_ANSWER.to_string()
+        HttpError::Closed { kind: ConnectionReset | BrokenPipe, handshake: true, .. } => {
+            format!("the server reset the connection during the TLS handshake (stopping, or not a TLS server): {chain}")
         }
-    } else if low.contains("certificaterequired")
-        || low.contains("certificate required")
-        || low.contains("handshake") && low.contains("alert")
-    {
-        format!("TLS handshake refused by the server (a client certificate may be missing or not trusted; check client_cert): {chain}")
-    } else {
-        chain
+        HttpError::Closed { kind: ConnectionReset | BrokenPipe, .. } if !in_body => {
+            let why = if has_client_cert {
+                "it probably does not accept this agent's client certificate (check client_cert and the CA the server \
+                 trusts)"
+            } else {
+                "it probably requires a client certificate, and none is configured (set client_cert)"
+            };
+            format!("the server dropped the connection right after the TLS handshake ({chain}); {why}")
+        }
+        HttpError::Closed { kind: UnexpectedEof, handshake: false, .. } => {
+            if in_body {
+                "the server closed the connection in the middle of its answer".to_string()
+            } else {
+                crate::http::CLOSED_WITHOUT_ANSWER.to_string()
+            }
+        }
+        HttpError::Tls { error: Tls::AlertReceived(a), handshake, .. }
+            if *handshake || matches!(a, Alert::CertificateRequired | Alert::HandshakeFailure) =>
+        {
+            format!("TLS handshake refused by the server (a client certificate may be missing or not trusted; check client_cert): {chain}")
+        }
+        _ => chain,
     }
 }

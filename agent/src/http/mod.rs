@@ -17,21 +17,27 @@
 //!   finish within its time as a whole (`Timed`), so a peer that trickles
 //!   one byte at a time cannot hold the agent longer than the sum.
 //!
+//! - Errors are an `HttpError` (connect, TLS with the rustls error, proxy
+//!   status, closed, timeout, malformed, too large, other I/O) that callers
+//!   match on.
+//!
 //! Files: `target` (Target, Proxy), `wire` (the request bytes and the
-//! parsers of an answer), this file (deadlines and the client), `tests`
-//! (loopback tests against a real TLS server and proxy).
-use anyhow::{anyhow, bail, Context, Result};
+//! parsers of an answer), `error` (HttpError), this file (deadlines and the
+//! client), `tests` (loopback tests against a real TLS server and proxy).
+use anyhow::{anyhow, Result};
 use rustls::pki_types::ServerName;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod error;
 mod target;
 #[cfg(test)]
 mod tests;
 mod wire;
 
+pub use error::HttpError;
 pub use target::{no_proxy_matches, Proxy, Target};
 pub use wire::{read_body, read_head, request, Head, MAX_HEAD_BYTES};
 
@@ -116,15 +122,15 @@ struct Conn {
 /// turned out closed (how, in the error) before its first byte.
 enum Sent {
     Answering,
-    Closed(anyhow::Error),
+    Closed(HttpError),
 }
 
 /// Where a request failed: before the answer's body (nothing read), or
 /// while reading the body.
 #[derive(Debug)]
 pub enum Failure {
-    Reach(anyhow::Error),
-    Body(anyhow::Error),
+    Reach(HttpError),
+    Body(HttpError),
 }
 
 /// The HTTPS client: one server, one kept-alive connection.
@@ -136,33 +142,6 @@ pub struct Https {
     user_agent: String,
     timeouts: Timeouts,
     idle: Mutex<Option<Conn>>,
-}
-
-/// An I/O error in words, naming timeouts as such.
-fn io_err(e: io::Error, doing: &str, limit: Duration) -> anyhow::Error {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => anyhow!("timed out after {} s {doing}", limit.as_secs()),
-        _ => anyhow!(e).context(format!("{doing} failed")),
-    }
-}
-
-/// `e`, or a plain "timed out" when a socket timeout caused it.
-fn named_timeout(e: anyhow::Error, doing: &str, limit: Duration) -> anyhow::Error {
-    let t =
-        e.downcast_ref::<io::Error>().is_some_and(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
-    if t {
-        anyhow!("timed out after {} s {doing}", limit.as_secs())
-    } else {
-        e
-    }
-}
-
-/// Whether `e` means the peer had closed the connection.
-fn is_closed(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
 }
 
 pub const CLOSED_WITHOUT_ANSWER: &str = "the server closed the connection without answering";
@@ -188,31 +167,39 @@ impl Https {
 
     /// Connect to `host:port`, every address tried within one deadline; the
     /// stream then has `send` for the tunnel and the TLS handshake.
-    fn tcp(&self, host: &str, port: u16) -> Result<Timed> {
+    fn tcp(&self, host: &str, port: u16) -> Result<Timed, HttpError> {
         let t = self.timeouts;
-        let addrs = (host, port).to_socket_addrs().with_context(|| format!("cannot resolve {host}"))?;
+        let addrs = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| HttpError::Connect(anyhow!(e).context(format!("cannot resolve {host}"))))?;
         let deadline = Instant::now() + t.connect;
-        let mut last = anyhow!("{host} has no address");
+        let mut last = HttpError::Connect(anyhow!("{host} has no address"));
         for a in addrs {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(last.context(format!("timed out after {} s connecting to {host}", t.connect.as_secs())));
+                let timeout = format!("timed out after {} s connecting to {host}", t.connect.as_secs());
+                return Err(HttpError::Timeout(last.into_msg().context(timeout)));
             }
             match TcpStream::connect_timeout(&a, left) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     return Ok(Timed::new(s, t.send));
                 }
-                Err(e) => last = io_err(e, &format!("connecting to {a}"), t.connect),
+                Err(e) => {
+                    last = match HttpError::io(e, &format!("connecting to {a}"), t.connect, false) {
+                        HttpError::Timeout(m) => HttpError::Timeout(m),
+                        other => HttpError::Connect(other.into_msg()),
+                    }
+                }
             }
         }
         Err(last)
     }
 
     /// Open the CONNECT tunnel through `p` to the target.
-    fn tunnel(&self, p: &Proxy) -> Result<Timed> {
+    fn tunnel(&self, p: &Proxy) -> Result<Timed, HttpError> {
         let what = format!("the proxy {}:{}", p.host, p.port);
-        let mut tcp = self.tcp(&p.host, p.port).with_context(|| format!("cannot reach {what}"))?;
+        let mut tcp = self.tcp(&p.host, p.port).map_err(|e| e.context(format!("cannot reach {what}")))?;
         let to = self.target.host_port();
         let mut req = format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\nUser-Agent: {}\r\n", self.user_agent);
         if let Some(a) = &p.auth {
@@ -220,32 +207,37 @@ impl Https {
         }
         req.push_str("\r\n");
         tcp.write_all(req.as_bytes())
-            .map_err(|e| io_err(e, &format!("sending CONNECT to {what}"), self.timeouts.send))?;
+            .map_err(|e| HttpError::io(e, &format!("sending CONNECT to {what}"), self.timeouts.send, false))?;
         let mut rd = BufReader::new(&mut tcp);
-        let head = read_head(&mut rd)
-            .map_err(|e| named_timeout(e, &format!("waiting for {what} to answer CONNECT"), self.timeouts.send))
-            .with_context(|| format!("{what} answered CONNECT {to} badly"))?;
+        let head = read_head(&mut rd).map_err(|e| {
+            e.named_timeout(&format!("waiting for {what} to answer CONNECT"), self.timeouts.send)
+                .context(format!("{what} answered CONNECT {to} badly"))
+        })?;
         if !(200..300).contains(&head.status) {
-            bail!("{what} refused to open a tunnel to {to}: HTTP {}", head.status);
+            let msg = anyhow!("{what} refused to open a tunnel to {to}: HTTP {}", head.status);
+            return Err(HttpError::ProxyStatus { status: head.status, msg });
         }
         if !rd.buffer().is_empty() {
-            bail!("{what} sent data after its answer to CONNECT");
+            return Err(HttpError::Malformed(anyhow!("{what} sent data after its answer to CONNECT")));
         }
         drop(rd);
         Ok(tcp)
     }
 
-    fn connect(&self) -> Result<Conn> {
+    fn connect(&self) -> Result<Conn, HttpError> {
         let tcp = match &self.proxy {
             Some(p) => self.tunnel(p)?,
             None => self
                 .tcp(&self.target.host, self.target.port)
-                .with_context(|| format!("cannot connect to {}", self.target.authority()))?,
+                .map_err(|e| e.context(format!("cannot connect to {}", self.target.authority())))?,
         };
-        let conn = rustls::ClientConnection::new(self.tls.clone(), self.name.clone()).context("TLS setup")?;
+        let conn = rustls::ClientConnection::new(self.tls.clone(), self.name.clone()).map_err(|error| {
+            let msg = anyhow!(error.clone()).context("TLS setup");
+            HttpError::Tls { error, handshake: true, msg }
+        })?;
         let mut s = rustls::StreamOwned::new(conn, tcp);
         while s.conn.is_handshaking() {
-            s.conn.complete_io(&mut s.sock).map_err(|e| io_err(e, "TLS handshake", self.timeouts.send))?;
+            s.conn.complete_io(&mut s.sock).map_err(|e| HttpError::io(e, "TLS handshake", self.timeouts.send, true))?;
         }
         Ok(Conn { io: BufReader::new(s), used: false })
     }
@@ -267,21 +259,25 @@ impl Https {
     }
 
     /// Send `req` and wait for the first byte of the answer.
-    fn send(&self, c: &mut Conn, req: &[u8]) -> Result<Sent> {
+    fn send(&self, c: &mut Conn, req: &[u8]) -> Result<Sent, HttpError> {
         let t = self.timeouts;
         let tls = c.io.get_mut();
         // Plus a second per 16 KiB: 1 MiB of results gets through at 128 kbit/s.
         let send = t.send + Duration::from_millis(req.len() as u64 / 16);
         tls.sock.set(send);
         if let Err(e) = tls.write_all(req).and_then(|_| tls.flush()) {
-            return Ok(Sent::Closed(io_err(e, "sending the request", send)));
+            return Ok(Sent::Closed(HttpError::io(e, "sending the request", send, false)));
         }
         tls.sock.set(t.head);
         match c.io.fill_buf() {
-            Ok([]) => Ok(Sent::Closed(anyhow!(CLOSED_WITHOUT_ANSWER))),
+            Ok([]) => Ok(Sent::Closed(HttpError::Closed {
+                kind: ErrorKind::UnexpectedEof,
+                handshake: false,
+                msg: anyhow!(CLOSED_WITHOUT_ANSWER),
+            })),
             Ok(_) => Ok(Sent::Answering),
-            Err(e) if is_closed(&e) => Ok(Sent::Closed(anyhow!(e))),
-            Err(e) => Err(io_err(e, "waiting for the answer", t.head)),
+            Err(e) if error::is_closed(e.kind()) => Ok(Sent::Closed(HttpError::from_io(e, false))),
+            Err(e) => Err(HttpError::io(e, "waiting for the answer", t.head, false)),
         }
     }
 
@@ -305,10 +301,10 @@ impl Https {
         }
         let t = self.timeouts;
         let head =
-            read_head(&mut c.io).map_err(|e| Failure::Reach(named_timeout(e, "waiting for the answer", t.head)))?;
+            read_head(&mut c.io).map_err(|e| Failure::Reach(e.named_timeout("waiting for the answer", t.head)))?;
         c.io.get_mut().sock.set(t.body);
         let body = read_body(&mut c.io, &head, max)
-            .map_err(|e| Failure::Body(named_timeout(e, "reading the body of the answer", t.body)))?;
+            .map_err(|e| Failure::Body(e.named_timeout("reading the body of the answer", t.body)))?;
         if !head.close && Self::is_idle(&mut c) {
             c.used = true;
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());

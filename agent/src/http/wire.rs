@@ -4,8 +4,16 @@
 //! byte slices (and fuzzed: fuzz/fuzz_targets/http_response.rs). Every limit
 //! is enforced before data is read, and hostile input gives an error naming
 //! what was wrong, never a panic.
-use anyhow::{anyhow, bail, Result};
+use super::HttpError;
+use anyhow::anyhow;
 use std::io::{self, BufRead, ErrorKind, Read};
+
+type Result<T> = std::result::Result<T, HttpError>;
+
+/// A malformed answer, in words.
+macro_rules! malformed {
+    ($($t:tt)*) => { HttpError::Malformed(anyhow!($($t)*)) };
+}
 
 /// Largest status line plus headers accepted (also for trailers).
 pub const MAX_HEAD_BYTES: u64 = 64 * 1024;
@@ -32,7 +40,9 @@ fn snippet(b: &[u8]) -> String {
 /// close_notify gives UnexpectedEof); the caller then sees the data short.
 fn ended<T>(r: io::Result<T>, what: &str) -> Result<()> {
     match r {
-        Err(e) if e.kind() != ErrorKind::UnexpectedEof => Err(anyhow!(e).context(format!("reading {what}"))),
+        Err(e) if e.kind() != ErrorKind::UnexpectedEof => {
+            Err(HttpError::from_io(e, false).context(format!("reading {what}")))
+        }
         _ => Ok(()),
     }
 }
@@ -52,9 +62,9 @@ fn read_line(r: &mut dyn BufRead, left: &mut u64, what: &str) -> Result<Vec<u8>>
     *left -= n as u64;
     if line.last() != Some(&b'\n') {
         if *left == 0 {
-            bail!("{what} too large: the limit is exceeded without an end of line");
+            return Err(HttpError::TooLarge(anyhow!("{what} too large: the limit is exceeded without an end of line")));
         }
-        bail!("the connection ended in the middle of {what} (after {n} bytes)");
+        return Err(malformed!("the connection ended in the middle of {what} (after {n} bytes)"));
     }
     line.pop();
     if line.last() == Some(&b'\r') {
@@ -87,7 +97,7 @@ pub fn read_head(r: &mut dyn BufRead) -> Result<Head> {
         let what = "the response headers";
         let line = read_line(r, &mut left, what)?;
         let (status, http10) = parse_status(&line)
-            .ok_or_else(|| anyhow!("malformed HTTP response: the status line is {}", snippet(&line)))?;
+            .ok_or_else(|| malformed!("malformed HTTP response: the status line is {}", snippet(&line)))?;
         let mut head = Head { status, length: None, chunked: false, close: http10 };
         let mut other_coding = false;
         loop {
@@ -100,16 +110,16 @@ pub fn read_head(r: &mut dyn BufRead) -> Result<Head> {
                 Some(i) if i > 0 && !line[i - 1].is_ascii_whitespace() && !line[0].is_ascii_whitespace() => {
                     (&line[..i], String::from_utf8_lossy(&line[i + 1..]))
                 }
-                _ => bail!("malformed HTTP response: header line {}", snippet(&line)),
+                _ => return Err(malformed!("malformed HTTP response: header line {}", snippet(&line))),
             };
             let value = value.trim();
             if name.eq_ignore_ascii_case(b"content-length") {
                 let n = Some(value)
                     .filter(|v| !v.is_empty() && v.len() <= 19 && v.bytes().all(|c| c.is_ascii_digit()))
                     .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| anyhow!("malformed HTTP response: Content-Length {value:?}"))?;
+                    .ok_or_else(|| malformed!("malformed HTTP response: Content-Length {value:?}"))?;
                 if head.length.is_some_and(|l| l != n) {
-                    bail!("malformed HTTP response: conflicting Content-Length headers");
+                    return Err(malformed!("malformed HTTP response: conflicting Content-Length headers"));
                 }
                 head.length = Some(n);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -144,15 +154,15 @@ fn no_body(status: u16) -> bool {
     (100..200).contains(&status) || status == 204 || status == 304
 }
 
-fn too_large(n: u64, max: u64) -> anyhow::Error {
-    anyhow!("the server's answer is too large: {n} bytes, more than the limit of {max} bytes")
+fn too_large(n: u64, max: u64) -> HttpError {
+    HttpError::TooLarge(anyhow!("the server's answer is too large: {n} bytes, more than the limit of {max} bytes"))
 }
 
 /// Read exactly `n` bytes onto `body`.
 fn read_exact_n(r: &mut dyn BufRead, n: u64, body: &mut Vec<u8>) -> Result<()> {
     let got = read_upto(r, n, body, "the body")?;
     if got != n {
-        bail!("the connection ended after {got} of the {n} body bytes announced");
+        return Err(malformed!("the connection ended after {got} of the {n} body bytes announced"));
     }
     Ok(())
 }
@@ -170,12 +180,13 @@ pub fn read_body(r: &mut dyn BufRead, head: &Head, max: u64) -> Result<Vec<u8>> 
             let size = Some(hex)
                 .filter(|h| !h.is_empty() && h.len() <= 16 && h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| u64::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
-                .ok_or_else(|| anyhow!("malformed chunked body: chunk size {}", snippet(&line)))?;
+                .ok_or_else(|| malformed!("malformed chunked body: chunk size {}", snippet(&line)))?;
             if size == 0 {
                 break;
             }
             if (body.len() as u64).saturating_add(size) > max {
-                bail!("the server's chunked answer is too large: it exceeds the limit of {max} bytes");
+                let m = anyhow!("the server's chunked answer is too large: it exceeds the limit of {max} bytes");
+                return Err(HttpError::TooLarge(m));
             }
             read_exact_n(r, size, &mut body)?;
             let mut end = Vec::new();
@@ -186,8 +197,8 @@ pub fn read_body(r: &mut dyn BufRead, head: &Head, max: u64) -> Result<Vec<u8>> 
             }
             match end.as_slice() {
                 b"\n" => {}
-                b"" => bail!("the connection ended in the middle of the chunked body"),
-                _ => bail!("malformed chunked body: a chunk is longer than its size"),
+                b"" => return Err(malformed!("the connection ended in the middle of the chunked body")),
+                _ => return Err(malformed!("malformed chunked body: a chunk is longer than its size")),
             }
         }
         let mut left = MAX_HEAD_BYTES;
@@ -202,7 +213,8 @@ pub fn read_body(r: &mut dyn BufRead, head: &Head, max: u64) -> Result<Vec<u8>> 
         // Framed by the end of the connection; a missing TLS close_notify
         // is tolerated here (the JSON parser catches a truncated body).
         if read_upto(r, max + 1, &mut body, "the body")? > max {
-            bail!("the server's answer is too large: it exceeds the limit of {max} bytes");
+            let m = anyhow!("the server's answer is too large: it exceeds the limit of {max} bytes");
+            return Err(HttpError::TooLarge(m));
         }
     }
     Ok(body)
