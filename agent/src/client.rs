@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::http::{Failure, HttpError, Https, Proxy, Target, Timeouts};
+use crate::http::{Failure, HttpError, Https, Proxy, Timeouts};
 use crate::protocol::{CheckIn, ResultsAck, ResultsReport, CHECKIN_PATH, MAX_BODY_BYTES, RESULTS_PATH};
 
 /// System CA bundles, as the common distributions lay them out.
@@ -116,7 +116,7 @@ fn tls_config(cfg: &Config) -> Result<rustls::ClientConfig> {
 impl Client {
     pub fn new(cfg: &Config) -> Result<Client> {
         init_crypto();
-        let target = Target::parse(cfg.require_server()?)?;
+        let target = cfg.require_target()?.clone();
         let proxy = Proxy::from_env(&target.host)?;
         let timeouts = Timeouts {
             connect: Duration::from_secs(15),

@@ -7,6 +7,7 @@
 //! [`Config`] with typed fields and defaults. Adding a key: a field in both,
 //! its default in `validate`, and a row in the configuration table of
 //! `README.md`.
+use crate::http::Target;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -55,6 +56,11 @@ pub struct Config {
     pub path: PathBuf,
     /// None when the file has no `server_url` yet (fresh package install).
     pub server_url: Option<String>,
+    /// `server_url` parsed by the client's own parser (`http::Target`), in
+    /// `validate`: the client connects to this value, never to a re-parse of
+    /// the text, so what `check-config` accepted is what `run` uses. Some
+    /// exactly when `server_url` is.
+    pub server: Option<Target>,
     pub check_in_interval: std::time::Duration,
     /// (certificate chain PEM, private key PEM) paths.
     pub client_cert: Option<(PathBuf, PathBuf)>,
@@ -80,12 +86,20 @@ impl Config {
 
     /// The server URL, or an error telling the administrator what to write where.
     pub fn require_server(&self) -> Result<&str> {
-        self.server_url.as_deref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "no server_url configured: set \"server_url\": \"https://SERVER:PORT\" in {}",
-                self.path.display()
-            )
-        })
+        self.server_url.as_deref().ok_or_else(|| self.no_server())
+    }
+
+    /// The server as the client reaches it (the same error as
+    /// [`Config::require_server`] when there is none).
+    pub fn require_target(&self) -> Result<&Target> {
+        self.server.as_ref().ok_or_else(|| self.no_server())
+    }
+
+    fn no_server(&self) -> anyhow::Error {
+        anyhow::anyhow!(
+            "no server_url configured: set \"server_url\": \"https://SERVER:PORT\" in {}",
+            self.path.display()
+        )
     }
 }
 
@@ -141,11 +155,12 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
             }
             // The client's own parser: what check-config accepts, `run` can
             // use (control characters, spaces, user, query refused alike).
-            crate::http::Target::parse(&s).with_context(|| format!("in {}", path.display()))?;
-            Some(s)
+            let target = Target::parse(&s).with_context(|| format!("in {}", path.display()))?;
+            Some((s, target))
         }
         None => None,
     };
+    let (server_url, server) = server_url.unzip();
     let interval = raw.check_in_interval.unwrap_or(30.0);
     if !(interval.is_finite() && (1.0..=86400.0).contains(&interval)) {
         bail!("check_in_interval {interval} in {} must be between 1 and 86400 seconds", path.display());
@@ -190,6 +205,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
     Ok(Config {
         path: path.to_path_buf(),
         server_url,
+        server,
         check_in_interval: std::time::Duration::from_secs_f64(interval),
         client_cert,
         server_cert: raw.server_cert,
@@ -326,6 +342,17 @@ mod tests {
         assert!(e.contains(": expected value"), "{e}");
         assert_eq!(e.matches(" at line ").count(), 1, "{e}");
         assert_eq!(strip_position("no position here"), "no position here");
+    }
+
+    #[test]
+    fn server_url_is_parsed_once_into_the_clients_target() {
+        let c = p(r#"{"server_url": "https://mgmt.example:8443/agent/"}"#).unwrap();
+        assert_eq!(c.server_url.as_deref(), Some("https://mgmt.example:8443/agent"));
+        let t = c.require_target().unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.prefix.as_str()), ("mgmt.example", 8443, "/agent"));
+        let none = p("{}").unwrap();
+        assert!(none.server.is_none());
+        assert_eq!(none.require_target().unwrap_err().to_string(), none.require_server().unwrap_err().to_string());
     }
 
     #[test]
