@@ -169,10 +169,11 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
         ClientCertSpec::Pair(c, k) => (c, k),
         ClientCertSpec::Combined(p) => (p.clone(), p),
     });
-    let allowed =
-        raw.allowed_operations.unwrap_or_else(|| crate::jobs::OPERATIONS.iter().map(|s| s.to_string()).collect());
+    let allowed = raw
+        .allowed_operations
+        .unwrap_or_else(|| crate::protocol::Operation::ALL.iter().map(|o| o.name().to_string()).collect());
     for op in &allowed {
-        if !crate::jobs::OPERATIONS.contains(&op.as_str()) {
+        if crate::protocol::Operation::parse(op).is_none() {
             warnings.push(format!(
                 "allowed_operations in {} names {op:?}, which is not an operation of this agent ({})",
                 path.display(),

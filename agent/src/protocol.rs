@@ -8,6 +8,58 @@ use serde_json::Value;
 
 use crate::jobs::{Job, JobResult};
 
+/// Declares [`Operation`] from one list: the variants, their protocol names
+/// (the variant's own), and `ALL`/`NAMES` in protocol order. `guest:`
+/// operations exist only in builds with the `guest` feature.
+macro_rules! operations {
+    (always: $($a:ident),*; guest: $($g:ident),* $(;)?) => {
+        /// An operation a job asks for, by its protocol name (the variant's).
+        /// The one list shared by dispatch (`jobs::execute` matches it, so a
+        /// new operation without a runner does not compile), the allowlist
+        /// check in config validation and the capabilities.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Operation {
+            $($a,)*
+            $(#[cfg(feature = "guest")] $g,)*
+        }
+
+        impl Operation {
+            /// Every operation of this build, in protocol order.
+            #[cfg(feature = "guest")]
+            pub const ALL: &'static [Operation] = &[$(Operation::$a,)* $(Operation::$g,)*];
+            /// Every operation of this build, in protocol order.
+            #[cfg(not(feature = "guest"))]
+            pub const ALL: &'static [Operation] = &[$(Operation::$a,)*];
+            /// Their protocol names, in the same order.
+            #[cfg(feature = "guest")]
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($a),)* $(stringify!($g),)*];
+            /// Their protocol names, in the same order.
+            #[cfg(not(feature = "guest"))]
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($a),)*];
+
+            /// The protocol's name of this operation.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Operation::$a => stringify!($a),)*
+                    $(#[cfg(feature = "guest")] Operation::$g => stringify!($g),)*
+                }
+            }
+        }
+    };
+}
+
+operations! {
+    always: RunScript, ExtendPartition, InitializeDisk;
+    guest: FreezeFilesystems, ThawFilesystems, TrimFilesystems, Reboot, Shutdown;
+}
+
+impl Operation {
+    /// The operation of this build with this protocol name.
+    pub fn parse(name: &str) -> Option<Operation> {
+        Operation::ALL.iter().copied().find(|o| o.name() == name)
+    }
+}
+
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const CHECKIN_PATH: &str = "/api/v1/checkin";
 pub const RESULTS_PATH: &str = "/api/v1/results";
@@ -65,6 +117,22 @@ pub struct ResultsAck {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+#[cfg(test)]
+mod operation_tests {
+    use super::Operation;
+
+    #[test]
+    fn every_operation_parses_from_its_name_and_names_are_in_order() {
+        assert_eq!(Operation::ALL.len(), Operation::NAMES.len());
+        for (op, name) in Operation::ALL.iter().zip(Operation::NAMES) {
+            assert_eq!(op.name(), *name);
+            assert_eq!(Operation::parse(name), Some(*op));
+        }
+        assert_eq!(Operation::parse("runscript"), None, "names are case-sensitive");
+        assert_eq!(Operation::parse(""), None);
+    }
 }
 
 #[cfg(test)]

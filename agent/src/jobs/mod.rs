@@ -1,32 +1,23 @@
 //! The job model: what the server sends ([`Job`]), what the agent answers
 //! ([`JobResult`], [`Status`]), the allowlist, and dispatch to the operations.
 //!
-//! To add an operation: add its name to [`OPERATIONS`], a module with a
-//! `run(&JobContext, &serde_json::Value) -> JobResult` function, and an arm in
-//! [`execute`]. Everything else (spool, dedup, allowlist, CLI `exec`) is shared.
+//! To add an operation: a variant of `protocol::Operation` (its one list), a
+//! module with a `run(&JobContext, &serde_json::Value) -> JobResult`
+//! function, and the arm in [`execute`] that the compiler then asks for.
+//! Everything else (spool, dedup, allowlist, CLI `exec`) is shared.
 pub mod run_script;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
 
+use crate::protocol::Operation;
 use crate::runner::Runner;
 
-/// Every operation this agent can run, in the names the protocol uses.
-#[cfg(feature = "guest")]
-pub const OPERATIONS: &[&str] = &[
-    "RunScript",
-    "ExtendPartition",
-    "InitializeDisk",
-    "FreezeFilesystems",
-    "ThawFilesystems",
-    "TrimFilesystems",
-    "Reboot",
-    "Shutdown",
-];
-/// Every operation this agent can run (built without the `guest` feature).
-#[cfg(not(feature = "guest"))]
-pub const OPERATIONS: &[&str] = &["RunScript", "ExtendPartition", "InitializeDisk"];
+/// Every operation this agent can run, in the names the protocol uses
+/// (`protocol::Operation::NAMES`; without the `guest` feature, the three
+/// that are not guest control).
+pub const OPERATIONS: &[&str] = Operation::NAMES;
 
 /// A job as the server sends it, and as a job file for `exec --job` holds it.
 /// Unknown fields are ignored, so a later protocol version can add fields to
@@ -231,35 +222,32 @@ pub fn now_unix() -> u64 {
 pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
     let started = std::time::Instant::now();
     let started_at = now_unix();
-    let mut r = if !OPERATIONS.contains(&job.operation.as_str()) {
-        JobResult::refused(format!(
+    let mut r = match Operation::parse(&job.operation) {
+        None => JobResult::refused(format!(
             "unknown operation {:?}; this agent offers {}",
             job.operation,
             OPERATIONS.join(", ")
-        ))
-    } else if !allowed.iter().any(|a| a == &job.operation) {
-        JobResult::refused(format!(
+        )),
+        Some(_) if !allowed.iter().any(|a| a == &job.operation) => JobResult::refused(format!(
             "operation {} is not in allowed_operations ({}) of this agent's config",
             job.operation,
             allowed.join(", ")
-        ))
-    } else {
-        match job.operation.as_str() {
-            "RunScript" => run_script::run(ctx, &job.params),
-            "ExtendPartition" => crate::disk::extend::run(ctx, &job.params),
-            "InitializeDisk" => crate::disk::initialize::run(ctx, &job.params),
+        )),
+        Some(op) => match op {
+            Operation::RunScript => run_script::run(ctx, &job.params),
+            Operation::ExtendPartition => crate::disk::extend::run(ctx, &job.params),
+            Operation::InitializeDisk => crate::disk::initialize::run(ctx, &job.params),
             #[cfg(feature = "guest")]
-            "FreezeFilesystems" => crate::guest::freeze::run(ctx, &job.params),
+            Operation::FreezeFilesystems => crate::guest::freeze::run(ctx, &job.params),
             #[cfg(feature = "guest")]
-            "ThawFilesystems" => crate::guest::freeze::thaw(ctx, &job.params),
+            Operation::ThawFilesystems => crate::guest::freeze::thaw(ctx, &job.params),
             #[cfg(feature = "guest")]
-            "TrimFilesystems" => crate::guest::fsreport::trim(ctx, &job.params),
+            Operation::TrimFilesystems => crate::guest::fsreport::trim(ctx, &job.params),
             #[cfg(feature = "guest")]
-            "Reboot" => crate::guest::power::run(ctx, &job.params, "reboot"),
+            Operation::Reboot => crate::guest::power::run(ctx, &job.params, "reboot"),
             #[cfg(feature = "guest")]
-            "Shutdown" => crate::guest::power::run(ctx, &job.params, "poweroff"),
-            _ => unreachable!(),
-        }
+            Operation::Shutdown => crate::guest::power::run(ctx, &job.params, "poweroff"),
+        },
     };
     if ctx.runner.dry_run() {
         if let Value::Object(m) = &mut r.details {
