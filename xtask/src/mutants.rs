@@ -148,6 +148,10 @@ pub fn run(args: &[String]) -> Result<()> {
             // One shared build directory: the dependencies compile once for
             // every file's copy of the tree.
             .env("CARGO_TARGET_DIR", out_root.join("build"))
+            // No debug info in the mutants' builds: each mutant is one
+            // incremental build of the agent, and debug info is a good part
+            // of its compile and link time. The directory is mutants' own.
+            .env("CARGO_PROFILE_DEV_DEBUG", "0")
             .args(["mutants", "--package", PACKAGE, "--file", f, "--jobs", "1", "--no-shuffle", "--colors", "never"]);
         let filter = test_filter(f);
         if list {
