@@ -83,11 +83,15 @@ impl HttpError {
     /// An I/O error by its kind and cause, its sentence `e` itself.
     pub(crate) fn from_io(e: io::Error, handshake: bool) -> HttpError {
         let kind = e.kind();
-        let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).cloned();
+        if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+            // Taken out by value (no clone); the sentence is its words, as
+            // the io::Error that carried it showed them.
+            let error = e.into_inner().and_then(|i| i.downcast::<rustls::Error>().ok()).expect("checked just above");
+            let msg = anyhow!("{error}");
+            return HttpError::Tls { error: *error, handshake, msg };
+        }
         let msg = anyhow!(e);
-        if let Some(error) = tls {
-            HttpError::Tls { error, handshake, msg }
-        } else if is_closed(kind) {
+        if is_closed(kind) {
             HttpError::Closed { kind, handshake, msg }
         } else if is_timeout(kind) {
             HttpError::Timeout(msg)

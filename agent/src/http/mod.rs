@@ -232,7 +232,7 @@ impl Https {
                 .map_err(|e| e.context(format!("cannot connect to {}", self.target.authority())))?,
         };
         let conn = rustls::ClientConnection::new(self.tls.clone(), self.name.clone()).map_err(|error| {
-            let msg = anyhow!(error.clone()).context("TLS setup");
+            let msg = anyhow!("{error}").context("TLS setup");
             HttpError::Tls { error, handshake: true, msg }
         })?;
         let mut s = rustls::StreamOwned::new(conn, tcp);
