@@ -210,6 +210,12 @@ pub fn parse(args: &[String]) -> Result<Parsed> {
 /// Parse, dispatch, map errors to exit codes. Returns the process exit code.
 pub fn main() -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // A job's runner (jobs::scope), started by the agent: not a command.
+    if let [cmd, dir, stem, fstab] = &args[..] {
+        if cmd == "__job" {
+            return crate::jobs::scope::runner(dir.as_ref(), stem, fstab.as_ref());
+        }
+    }
     let parsed = match parse(&args) {
         Ok(Parsed::Print(text)) => {
             print!("{text}");

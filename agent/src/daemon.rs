@@ -8,14 +8,14 @@
 //! once, not on every retry.
 //!
 //! Shutdown: a signal thread handles SIGTERM/SIGINT/SIGHUP (blocked in every
-//! other thread). On TERM it exits at once when no job runs; otherwise it
-//! cancels the job (RunScript stops its process group and answers
-//! `interrupted`) and exits within 10 s at the latest. Everything on disk is
-//! written atomically, so exiting at any point loses nothing: a job cut off
-//! leaves its running marker and is reported `interrupted` after restart.
+//! other thread). On TERM it exits within 10 s: a job in a runner of its own
+//! (`jobs::scope`) goes on and the next start waits for it and reports it;
+//! a job run in this process is cancelled. Everything on disk is written
+//! atomically, so exiting at any point loses nothing: a job cut off leaves
+//! its running marker and is reported `interrupted` after restart.
 #![allow(
     clippy::unwrap_used,
-    reason = "mutex and condvar locks (panic = abort: none is ever poisoned) and piped child handles; this module is being reworked (jobs in their own units), the unwraps go with that"
+    reason = "mutex and condvar locks (panic = abort: none is ever poisoned) and piped child handles"
 )]
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::backoff::{first_checkin_delay, Backoff, Rng};
 use crate::client::Client;
 use crate::config::Config;
-use crate::jobs::{self, Job, JobContext, JobResult, Status};
+use crate::jobs::{self, scope, Job, JobContext, JobResult, Status};
 use crate::protocol::{CheckIn, ResultsReport, PROTOCOL_VERSION};
 use crate::state::{Spooled, State};
 
@@ -472,13 +472,62 @@ impl Agent {
         }
         tracing::info!(job = %job.id, operation = %job.operation, "job started");
         self.report_running(&job);
-        let r = jobs::execute(&ctx, &job, &self.cfg.allowed_operations);
-        tracing::info!(job = %job.id, status = r.status.as_str(), "job finished: {}", r.message);
-        self.record_finish(r);
+        if scope::SCOPED.contains(&job.operation.as_str()) && self.cfg.allowed_operations.contains(&job.operation) {
+            // In a runner of its own (jobs::scope), which spools the result.
+            let stem = crate::state::file_stem(&job.id);
+            match scope::launch(&self.cfg.state_dir, &stem, &self.cfg.fstab_path) {
+                Ok(()) => self.wait_runner(&stem, Instant::now() + Duration::from_secs(120)),
+                Err(e) => {
+                    let mut r = JobResult::failed(format!("not run: cannot start the job's runner: {e}"));
+                    r.job_id = job.id.clone();
+                    r.operation = job.operation.clone();
+                    self.record_finish(r);
+                }
+            }
+        } else {
+            let r = jobs::execute(&ctx, &job, &self.cfg.allowed_operations);
+            tracing::info!(job = %job.id, status = r.status.as_str(), "job finished: {}", r.message);
+            self.record_finish(r);
+        }
         // A job may have changed the disks: take a new inventory next time.
         self.inventory = None;
         self.shared.health.lock().unwrap().jobs_run += 1;
         Ok(())
+    }
+
+    /// Wait for the runner of the job of marker `running/<stem>.json` to
+    /// end (`jobs::scope`); one not started by `start_by` is given up on. A
+    /// runner that died leaves its job `interrupted`. Returns at shutdown
+    /// too: the job goes on, and the next start waits for it.
+    fn wait_runner(&mut self, stem: &str, start_by: Instant) {
+        loop {
+            jobs::run_script::reap_orphans(0);
+            match scope::check(&self.cfg.state_dir, stem, Instant::now() > start_by) {
+                scope::Runner::Running if !self.shared.shutdown.load(Ordering::SeqCst) => {
+                    self.shared.sleep_unless_shutdown(Duration::from_millis(300))
+                }
+                scope::Runner::Running => {
+                    tracing::info!(job = %stem, "the job goes on in its own process; the next start reports it");
+                    return;
+                }
+                scope::Runner::Ended => {
+                    tracing::info!(job = %stem, "job ended, result spooled");
+                    return;
+                }
+                scope::Runner::Lost(Some(r)) => {
+                    // Its runner could not spool it (full disk).
+                    self.record_finish(r);
+                    return;
+                }
+                scope::Runner::Lost(None) => {
+                    // Its marker becomes `interrupted`.
+                    if self.state.recover_interrupted().is_err() {
+                        self.recovery_due = true;
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     /// One cycle. Returns how many jobs arrived. Result delivery failing
@@ -498,6 +547,10 @@ impl Agent {
                     }
                 }
                 Err(e) => tracing::error!("cannot turn the running markers of an earlier run into results yet: {e:#}"),
+            }
+            for stem in std::mem::take(&mut self.state.adopted) {
+                tracing::info!(job = %stem, "a job started before this start still runs; waiting for its end");
+                self.wait_runner(&stem, Instant::now());
             }
         }
         crate::guest::freeze::settle(&mut self.state, &mut self.unspooled)?;

@@ -31,6 +31,8 @@ pub struct State {
     seen: VecDeque<String>,
     seen_set: HashSet<String>,
     seen_lines_on_disk: usize,
+    /// Stems of jobs of a previous life whose runner still runs.
+    pub adopted: Vec<String>,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -101,6 +103,19 @@ fn fsync_dir(p: &Path) -> Result<()> {
     File::open(p).and_then(|f| f.sync_all()).with_context(|| format!("cannot fsync directory {}", p.display()))
 }
 
+/// Put a result in the spool of state dir `dir` (durably, cut to
+/// [`RESULT_MAX_BYTES`]), then drop the job's running marker (durably), then
+/// its runner's lock file (`jobs::scope`). Also called by a job's runner,
+/// which does not hold the agent's lock.
+pub fn finish_in(dir: &Path, result: &JobResult) -> Result<()> {
+    let stem = file_stem(&result.job_id);
+    let bounded = result.clone().bounded(RESULT_MAX_BYTES);
+    write_atomic(&dir.join("spool").join(format!("{stem}.json")), &serde_json::to_vec(&bounded)?)?;
+    remove_durably(&dir.join("running").join(format!("{stem}.json")))?;
+    let _ = fs::remove_file(dir.join("running").join(format!("{stem}.lock")));
+    Ok(())
+}
+
 /// Write `data` to `path` atomically with mode 0600.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -151,6 +166,7 @@ impl State {
             seen: VecDeque::new(),
             seen_set: HashSet::new(),
             seen_lines_on_disk: 0,
+            adopted: Vec::new(),
             _lock: lock,
         };
         s.load_seen()?;
@@ -253,44 +269,59 @@ impl State {
     /// Put a result in the spool (durably, cut to [`RESULT_MAX_BYTES`]),
     /// then drop the job's running marker (durably).
     pub fn finish(&mut self, result: &JobResult) -> Result<()> {
-        let bounded = result.clone().bounded(RESULT_MAX_BYTES);
-        write_atomic(&self.spool_path(&result.job_id), &serde_json::to_vec(&bounded)?)?;
-        remove_durably(&self.marker_path(&result.job_id))
+        finish_in(&self.dir, result)
     }
 
     /// Drop a job's running marker (durably): its result, which could not
     /// be spooled, was delivered from memory.
     pub fn drop_marker(&self, id: &str) -> Result<()> {
-        remove_durably(&self.marker_path(id))
+        remove_durably(&self.marker_path(id))?;
+        let _ = fs::remove_file(self.dir.join("running").join(format!("{}.lock", file_stem(id))));
+        Ok(())
     }
 
-    /// Turn the running markers of a previous life into `interrupted` results.
-    /// Returns how many there were.
+    /// Turn the running markers of a previous life into `interrupted` results,
+    /// but those whose runner still runs (`jobs::scope`): their stems go to
+    /// [`State::adopted`], to be waited for. Returns how many were turned.
     pub fn recover_interrupted(&mut self) -> Result<usize> {
         let dir = self.dir.join("running");
         let mut n = 0;
         for e in fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if !name.ends_with(".json") || name.starts_with('.') {
-                continue;
-            }
+            let Some(stem) = name.strip_suffix(".json").filter(|_| !name.starts_with('.')) else { continue };
             let job: Option<Job> = fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
             let (id, op) = match job {
                 Some(j) => (j.id, j.operation),
-                None => (name.trim_end_matches(".json").to_string(), String::new()),
+                None => (stem.to_string(), String::new()),
             };
             // The job finished and its result is spooled; only the marker's
             // removal was cut off. The real result wins over `interrupted`.
             if self.spool_path(&id).exists() || self.dir.join("spool").join(&name).exists() {
                 self.record_seen(&id)?;
                 remove_durably(&e.path())?;
+                let _ = fs::remove_file(dir.join(format!("{stem}.lock")));
                 continue;
+            }
+            match crate::jobs::scope::check(&self.dir, stem, true) {
+                crate::jobs::scope::Runner::Running => {
+                    self.record_seen(&id)?;
+                    self.adopted.push(stem.into());
+                    continue;
+                }
+                crate::jobs::scope::Runner::Ended => continue,
+                crate::jobs::scope::Runner::Lost(Some(r)) => {
+                    // Its runner could not spool it (full disk).
+                    self.record_seen(&id)?;
+                    finish_in(&self.dir, &r)?;
+                    continue;
+                }
+                crate::jobs::scope::Runner::Lost(None) => {}
             }
             let mut r = JobResult::new(
                 Status::Interrupted,
-                "the agent stopped while this job was running (killed, crashed or the machine rebooted); it was not \
-                 run again",
+                "the job stopped before its end (its runner or the agent was killed, crashed, or the machine \
+                 rebooted); it was not run again",
             );
             r.job_id = id;
             r.operation = op;
@@ -299,6 +330,7 @@ impl State {
             tracing::warn!(job = %r.job_id, "job was interrupted by an agent stop; reporting it as interrupted");
             write_atomic(&self.spool_path(&r.job_id), &serde_json::to_vec(&r)?)?;
             remove_durably(&e.path())?;
+            let _ = fs::remove_file(dir.join(format!("{stem}.lock")));
             n += 1;
         }
         Ok(n)

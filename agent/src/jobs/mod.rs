@@ -6,6 +6,7 @@
 //! function, and the arm in [`execute`] that the compiler then asks for.
 //! Everything else (spool, dedup, allowlist, CLI `exec`) is shared.
 pub mod run_script;
+pub mod scope;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
