@@ -44,7 +44,13 @@ fn running(dir: &Path, stem: &str, ext: &str) -> PathBuf {
 /// cannot be opened or created; Ok(None): another process holds it.
 fn lock(dir: &Path, stem: &str, wait: bool) -> std::io::Result<Option<nix::fcntl::Flock<File>>> {
     use nix::fcntl::{Flock, FlockArg::*};
-    let f = OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(running(dir, stem, "lock"))?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(running(dir, stem, "lock"))?;
     Ok(Flock::lock(f, if wait { LockExclusive } else { LockExclusiveNonblock }).ok())
 }
 
@@ -144,7 +150,7 @@ pub fn runner(dir: &Path, stem: &str, fstab: &Path) -> i32 {
     let room = crate::state::RESULT_MAX_BYTES as i64 + 4096;
     let _ = nix::fcntl::fallocate(&*l, nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, room);
     let ctx = JobContext::new(dir.into(), fstab.into(), false);
-    let r = execute(&ctx, &job, &[job.operation.clone()]);
+    let r = execute(&ctx, &job, std::slice::from_ref(&job.operation));
     match crate::state::finish_in(dir, &r) {
         Ok(()) => 0,
         Err(e) => {
