@@ -1,7 +1,7 @@
-//! The cloud path of the VM matrix, proven here without downloads.
+//! The offline cloud image `debian-12-genericcloud` and the NoCloud seed.
 //!
-//! Owns three things the catalogue images (ci/distros.toml) need and the
-//! offline `debian-12-genericcloud` image shares with them:
+//! Owns what the matrix's cloud kind (`xtask/src/vm/cloud.rs`) needs from
+//! outside the runner:
 //! - [`build_genericcloud`]: a qcow2 that looks like a distribution's cloud
 //!   image, made from Debian's archive: a GPT disk with a BIOS boot
 //!   partition (14) and the ext4 root as partition 1 at the end (growable),
@@ -9,13 +9,12 @@
 //!   kernel. Booted by its own bootloader, never `-kernel`.
 //! - [`nocloud_seed`]: the NoCloud seed, a vfat image labelled `cidata`
 //!   with `meta-data` and `user-data` (mtools: no mount needed).
-//! - [`package_disk`]: a vfat image labelled `XCPPKG` carrying our package
-//!   (and, for catalogue images, the tools the image lacks), so the guest
-//!   installs with no network.
+//! - [`user_data`]: the cloud-config text (files to write, commands to run,
+//!   `{pkg}` and friends filled in).
 //!
-//! [`user_data`] writes the cloud-config that mounts the package disk,
-//! writes the agent's config and certificates, runs the image's `install`
-//! command and starts the probe.
+//! Booting, the server and the scenarios are the matrix's
+//! (`cargo xtask vm-test --image debian-12-genericcloud`; `cargo xtask
+//! vm-cloud` is an alias for it).
 use crate::util::{self, step};
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
@@ -25,16 +24,15 @@ use std::time::{Duration, Instant};
 /// What the offline genericcloud image is made of (part of its cache key).
 const SUITE: &str = "bookworm";
 const INCLUDE: &str = "systemd,systemd-sysv,udev,linux-image-cloud-amd64,initramfs-tools,grub-pc-bin,grub2-common,\
-cloud-init,ifupdown,isc-dhcp-client,netbase,cloud-guest-utils,parted,gdisk,fdisk,e2fsprogs,xfsprogs,util-linux";
+cloud-init,ifupdown,isc-dhcp-client,netbase,cloud-guest-utils,parted,gdisk,fdisk,e2fsprogs,xfsprogs,util-linux,\
+procps,iproute2,lvm2,python3-requests";
 /// Bump when the image recipe below changes (the layout, grub.cfg, fstab).
-const RECIPE: &str =
-    "genericcloud-v2 (C.UTF-8): gpt p14 bios_grub 2048+6144, p1 ext4 LABEL=cloudimg-rootfs to the end, 3 GiB";
+const RECIPE: &str = "genericcloud-v3 (C.UTF-8, no_timer_check): gpt p14 bios_grub 2048+6144, \
+     p1 ext4 LABEL=cloudimg-rootfs to the end, 3 GiB";
 const DISK_BYTES: u64 = 3 << 30;
 /// The label of the root filesystem (Debian's and Ubuntu's cloud images use
 /// this one too).
 pub const ROOT_LABEL: &str = "cloudimg-rootfs";
-/// The label of the package disk.
-pub const PKG_LABEL: &str = "XCPPKG";
 
 fn cache_dir() -> PathBuf {
     util::root().join("target/cloudimg")
@@ -222,7 +220,7 @@ fn write_grub_cfg(rootfs: &Path, uuid: &str) -> Result<()> {
         "set timeout=1\nserial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n\
          search --no-floppy --fs-uuid --set=root {uuid}\n\
          menuentry 'Debian GNU/Linux (genericcloud)' {{\n\
-         \tlinux /boot/{kernel} root=UUID={uuid} ro console=tty0 console=ttyS0,115200 net.ifnames=0 panic=-1\n\
+         \tlinux /boot/{kernel} root=UUID={uuid} ro console=tty0 console=ttyS0,115200 net.ifnames=0 panic=-1 no_timer_check\n\
          \tinitrd /boot/{initrd}\n}}\n"
     );
     std::fs::create_dir_all(boot.join("grub"))?;
@@ -314,18 +312,6 @@ pub fn nocloud_seed(path: &Path, instance_id: &str, hostname: &str, user_data: &
     )
 }
 
-/// The package disk (`XCPPKG`): our package and any tool packages.
-pub fn package_disk(path: &Path, files: &[PathBuf]) -> Result<()> {
-    let mut items = Vec::new();
-    let mut bytes = 0u64;
-    for f in files {
-        let b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        bytes += b.len() as u64;
-        items.push((f.file_name().context("no file name")?.to_string_lossy().into_owned(), b));
-    }
-    vfat(path, PKG_LABEL, (bytes >> 20) + 8, &items)
-}
-
 /// A file cloud-init writes before anything runs.
 pub struct SeedFile<'a> {
     pub path: &'a str,
@@ -333,13 +319,11 @@ pub struct SeedFile<'a> {
     pub content: &'a str,
 }
 
-/// The cloud-config: write `files`, add `hosts` lines, mount the package
-/// disk at /run/xcppkg, run `install` (with `{pkg}` replaced by our
-/// package's path there and `{tools}`/`{keys}` by that directory), then run
-/// `after` (the probe).
-pub fn user_data(files: &[SeedFile], hosts: &str, install: &str, pkg_file: &str, after: &str) -> String {
-    let mut s =
-        String::from("#cloud-config\n# xcp-vm-agent VM matrix: provisioning from the package disk, no network\n");
+/// The cloud-config: write `files`, add `hosts` lines to /etc/hosts, then
+/// run `cmds` in order (empty ones left out), with `{pkg}` replaced by
+/// `pkg_dir/pkg_file` and `{tools}`/`{keys}` by `pkg_dir`.
+pub fn user_data(files: &[SeedFile], hosts: &str, cmds: &[String], pkg_dir: &str, pkg_file: &str) -> String {
+    let mut s = String::from("#cloud-config\n# xcp-vm-agent VM matrix: provisioning from the FILES disk, no network\n");
     s.push_str("manage_etc_hosts: false\nwrite_files:\n");
     for f in files {
         s.push_str(&format!("  - path: {}\n    permissions: '{}'\n    content: |\n", f.path, f.mode));
@@ -347,17 +331,13 @@ pub fn user_data(files: &[SeedFile], hosts: &str, install: &str, pkg_file: &str,
             s.push_str(&format!("      {l}\n"));
         }
     }
-    let install = install
-        .replace("{pkg}", &format!("/run/xcppkg/{pkg_file}"))
-        .replace("{tools}", "/run/xcppkg")
-        .replace("{keys}", "/run/xcppkg");
     s.push_str("runcmd:\n");
-    for cmd in [
-        format!("printf '%s\\n' {} >> /etc/hosts", shell_quote(hosts.trim_end())),
-        format!("mkdir -p /run/xcppkg && mount -o ro LABEL={PKG_LABEL} /run/xcppkg"),
-        install,
-        after.to_string(),
-    ] {
+    let hosts = format!("printf '%s\\n' {} >> /etc/hosts", shell_quote(hosts.trim_end()));
+    for cmd in std::iter::once(&hosts).chain(cmds) {
+        let cmd = cmd
+            .replace("{pkg}", &format!("{pkg_dir}/{pkg_file}"))
+            .replace("{tools}", pkg_dir)
+            .replace("{keys}", pkg_dir);
         if !cmd.trim().is_empty() {
             s.push_str(&format!("  - [ sh, -c, {} ]\n", yaml_quote(&cmd)));
         }
@@ -374,242 +354,27 @@ fn yaml_quote(s: &str) -> String {
 }
 
 const HELP: &str = "\
-cargo xtask vm-cloud [--keep] [--accel tcg|kvm] [--deb PATH]
+cargo xtask vm-cloud [vm-test options]
 
-The cloud path of the VM matrix on the offline image debian-12-genericcloud
-(a qcow2 with GPT, GRUB, cloud-init and Debian's cloud kernel, built from
-Debian's archive and cached in target/cloudimg/): booted by its own
-bootloader with a NoCloud seed and a package disk, cloud-init installs the
-.deb from that disk (no network in the guest) and writes the agent's config;
-the service must run and check in to mgmt-server on this machine's loopback
-with the UUID QEMU gave (-uuid), then a RunScript must come back.
-Needs root (mmdebstrap, loop devices, chroot); installs what is missing.
+The cloud path of the VM matrix on the offline image debian-12-genericcloud:
+an alias for `cargo xtask vm-test --image debian-12-genericcloud [options]`
+(see `cargo xtask vm-test --help`). The image (a qcow2 with GPT, GRUB,
+cloud-init and Debian's cloud kernel, built from Debian's archive and cached
+in target/cloudimg/) boots by its own bootloader with a NoCloud seed;
+cloud-init sets up the test shell, writes the agent's config and
+certificates and installs the .deb from the FILES disk with the catalogue's
+debian-12 `install` command; then every scenario of the matrix runs.
 ";
 
-const VM_UUID: &str = "0c1d7e55-2b8f-4a51-9e0a-c10d1a9e0000";
-
-/// `cargo xtask vm-cloud`: the cloud path, end to end, on the offline image.
+/// `cargo xtask vm-cloud`: `vm-test --image debian-12-genericcloud`.
 pub fn run(args: &[String]) -> Result<()> {
-    let mut keep = false;
-    let mut accel = "tcg".to_string();
-    let mut deb: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-h" | "--help" => {
-                print!("{HELP}");
-                return Ok(());
-            }
-            "--keep" => keep = true,
-            "--accel" => accel = it.next().context("--accel needs a value")?.clone(),
-            "--deb" => deb = Some(PathBuf::from(it.next().context("--deb needs a value")?)),
-            other => anyhow::bail!("unknown option {other:?}\n\n{HELP}"),
-        }
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{HELP}");
+        return Ok(());
     }
-    ensure!(util::is_root(), "cargo xtask vm-cloud needs root (mmdebstrap, loop devices, chroot)");
-    crate::setup::run_setup(true)?;
-    crate::vm::ensure_tools()?;
-    let t0 = Instant::now();
-    let img = build_genericcloud()?;
-    let deb = match deb {
-        Some(d) => d,
-        None => {
-            step("vm-cloud: building the .deb (cargo xtask dist)");
-            crate::dist::run(&[])?;
-            util::root().join("target/dist").join(crate::pkgmeta::deb_name(&crate::pkgmeta::workspace_version()?))
-        }
-    };
-    util::run(util::cargo().args(["build", "-q", "-p", "vm-tests", "--bin", "mgmt-server"]))?;
-    let server_bin = util::root().join("target/debug/mgmt-server");
-    let dir = cache_dir().join("run");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let r = smoke(&dir, &img, &deb, &server_bin, &accel);
-    match &r {
-        Ok(()) => {
-            step(&format!("vm-cloud: PASSED in {:.0} s", t0.elapsed().as_secs_f64()));
-            if !keep {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-        Err(_) => {
-            let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default().replace('\r', "");
-            let lines: Vec<&str> = console.lines().collect();
-            eprintln!("\n--- last 50 console lines ---\n{}", lines[lines.len().saturating_sub(50)..].join("\n"));
-            eprintln!("    work directory kept: {}", dir.display());
-        }
-    }
-    r
-}
-
-fn smoke(dir: &Path, img: &Path, deb: &Path, server_bin: &Path, accel: &str) -> Result<()> {
-    use std::io::BufRead;
-    let pki = dir.join("pki");
-    util::run(
-        Command::new(server_bin)
-            .arg("init-pki")
-            .arg(&pki)
-            .args(["--san", "mgmt.test"])
-            .stdout(std::process::Stdio::null()),
-    )?;
-    let mut server = Command::new(server_bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pki"])
-        .arg(&pki)
-        .arg("--state")
-        .arg(dir.join("server-state"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("server.log"))?)
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line)?;
-    let guard = KillOnDrop(server);
-    let https = line.split_whitespace().find(|w| w.starts_with("https://")).context("no https address")?;
-    let admin = line.split_whitespace().find(|w| w.starts_with("http://")).context("no admin address")?.to_string();
-    let port: u16 = https.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).context("port")?;
-
-    let read = |f: &str| std::fs::read_to_string(pki.join(f)).with_context(|| format!("{f} of the test PKI"));
-    let (ca, cert, key) = (read("ca.pem")?, read("agent-cert.pem")?, read("agent-key.pem")?);
-    let config = serde_json::to_string_pretty(&serde_json::json!({
-        "server_url": "https://mgmt.test:8443",
-        "server_cert": "/etc/xcp-vm-agent/pki/ca.pem",
-        "client_cert": ["/etc/xcp-vm-agent/pki/agent-cert.pem", "/etc/xcp-vm-agent/pki/agent-key.pem"],
-        "check_in_interval": 5,
-    }))?;
-    let files = [
-        SeedFile { path: "/etc/xcp-vm-agent/config.json", mode: "0600", content: &config },
-        SeedFile { path: "/etc/xcp-vm-agent/pki/ca.pem", mode: "0644", content: &ca },
-        SeedFile { path: "/etc/xcp-vm-agent/pki/agent-cert.pem", mode: "0644", content: &cert },
-        SeedFile { path: "/etc/xcp-vm-agent/pki/agent-key.pem", mode: "0600", content: &key },
-    ];
-    let pkg_file = deb.file_name().context("deb name")?.to_string_lossy().into_owned();
-    let probe = "echo \"VMTEST installed $(dpkg-query -W -f '${Version}' xcp-vm-agent) $(systemctl is-active xcp-vm-agent)\" > /dev/ttyS0";
-    let ud = user_data(
-        &files,
-        "10.0.2.100 mgmt.test\n",
-        "apt-get install -y --no-install-recommends {pkg}",
-        &pkg_file,
-        probe,
-    );
-    nocloud_seed(&dir.join("seed.img"), "vm-cloud-1", "genericcloud", &ud)?;
-    package_disk(&dir.join("pkg.img"), &[deb.to_path_buf()])?;
-    let overlay = dir.join("root.qcow2");
-    util::output(
-        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(img).arg(&overlay),
-    )?;
-
-    step("vm-cloud: booting debian-12-genericcloud by its own bootloader (TCG: GRUB, kernel, cloud-init)");
-    let console = dir.join("console.log");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel",
-        accel,
-        "-cpu",
-        "max",
-        "-m",
-        "1024",
-        "-smp",
-        "2",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .args(["-uuid", VM_UUID])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .arg("-drive")
-    .arg(format!("file={},if=none,id=root,format=qcow2", overlay.display()))
-    .args(["-device", "virtio-blk-pci,drive=root,serial=ROOT,bootindex=0"])
-    .arg("-drive")
-    .arg(format!("file={},if=none,id=seed,format=raw,readonly=on", dir.join("seed.img").display()))
-    .args(["-device", "virtio-blk-pci,drive=seed,serial=CIDATA"])
-    .arg("-drive")
-    .arg(format!("file={},if=none,id=pkg,format=raw,readonly=on", dir.join("pkg.img").display()))
-    .args(["-device", "virtio-blk-pci,drive=pkg,serial=XCPPKG"])
-    // A socat relay per guest connection: a `tcp:` guestfwd is one
-    // connection opened when QEMU starts (docs/vm-tests.md, harness bugs).
-    .args([
-        "-netdev",
-        &format!("user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8443-cmd:socat STDIO TCP:127.0.0.1:{port}"),
-    ])
-    .args(["-device", "virtio-net-pci,netdev=n0"])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::fs::File::create(dir.join("qemu.log"))?)
-    .stderr(std::fs::File::create(dir.join("qemu.stderr"))?);
-    let qemu = KillOnDrop(cmd.spawn().context("cannot start qemu-system-x86_64")?);
-    let t = Instant::now();
-    // TCG: GRUB, kernel, cloud-init (python) and an apt install; generous
-    // because the machines are shared.
-    let deadline = Duration::from_secs(900);
-    let mut said = false;
-    let mut checked_in = false;
-    loop {
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if !said {
-            if let Some(l) = text.lines().find(|l| l.starts_with("VMTEST installed")) {
-                eprintln!("    {:>5.1} s  {}", t.elapsed().as_secs_f64(), l.trim());
-                ensure!(l.trim().ends_with(" active"), "the service is not active after the cloud-init install: {l}");
-                said = true;
-            }
-        }
-        if !checked_in {
-            let v = util::http_json("GET", &admin, "/admin/v1/agents", None)?;
-            if let Some(a) = v["agents"].as_array().and_then(|a| a.first()) {
-                ensure!(a["vm_uuid"] == VM_UUID, "checked in as {} instead of QEMU's -uuid {VM_UUID}", a["vm_uuid"]);
-                eprintln!(
-                    "    {:>5.1} s  the agent checked in as {VM_UUID} (version {})",
-                    t.elapsed().as_secs_f64(),
-                    a["agent_version"]
-                );
-                checked_in = true;
-            }
-        }
-        if said && checked_in {
-            break;
-        }
-        ensure!(t.elapsed() < deadline, "no check-in / install marker within {deadline:?} of the boot");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let job = util::http_json(
-        "POST",
-        &admin,
-        "/admin/v1/jobs",
-        Some(
-            &serde_json::json!({"vm_uuid": VM_UUID, "operation": "RunScript", "params": {"script": "findmnt -no SOURCE /; cat /etc/os-release | head -1"}}),
-        ),
-    )?;
-    let id = job["id"].as_str().context("job id")?.to_string();
-    loop {
-        let j = util::http_json("GET", &admin, &format!("/admin/v1/jobs/{id}?wait=5"), None)?;
-        let st = j["status"].as_str().unwrap_or("?");
-        if !matches!(st, "queued" | "delivered" | "running") {
-            ensure!(st == "succeeded", "RunScript ended {st}: {j}");
-            let out = j["result"]["details"]["stdout"].as_str().unwrap_or("").to_string();
-            ensure!(
-                out.contains("/dev/vd") && out.contains("Debian GNU/Linux 12"),
-                "RunScript output does not show the root partition and the OS: {out:?}"
-            );
-            eprintln!(
-                "    {:>5.1} s  RunScript came back: {}",
-                t.elapsed().as_secs_f64(),
-                out.trim().replace('\n', " | ")
-            );
-            break;
-        }
-        ensure!(t.elapsed() < deadline, "RunScript did not finish in time ({st})");
-    }
-    drop(qemu);
-    drop(guard);
-    Ok(())
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let mut v = vec!["--image".to_string(), "debian-12-genericcloud".to_string()];
+    v.extend(args.iter().cloned());
+    crate::vm::run(&v)
 }
 
 #[cfg(test)]
@@ -619,13 +384,17 @@ mod tests {
     #[test]
     fn user_data_is_a_cloud_config_with_the_install_command_filled_in() {
         let files = [SeedFile { path: "/etc/xcp-vm-agent/config.json", mode: "0600", content: "{\n  \"a\": 1\n}\n" }];
-        let u = user_data(&files, "10.0.2.100 mgmt.test\n", "apt-get install -y {pkg}", "x.deb", "echo done");
+        let cmds = ["mount LABEL=FILES /mnt/files".to_string(), String::new(), "apt-get install -y {pkg}".into()];
+        let u = user_data(&files, "10.0.2.100 mgmt.test\n", &cmds, "/mnt/files", "x.deb");
         assert!(u.starts_with("#cloud-config\n"), "{u}");
         assert!(u.contains("    content: |\n      {\n        \"a\": 1\n      }\n"), "{u}");
         assert!(u.contains("permissions: '0600'"));
-        assert!(u.contains("\"apt-get install -y /run/xcppkg/x.deb\""), "{u}");
-        assert!(u.contains("mount -o ro LABEL=XCPPKG /run/xcppkg"));
+        assert!(u.contains("\"apt-get install -y /mnt/files/x.deb\""), "{u}");
         assert!(u.contains("printf '%s\\\\n' '10.0.2.100 mgmt.test' >> /etc/hosts"), "{u}");
         assert!(!u.contains("{pkg}"));
+        // In order, the empty one left out.
+        let (h, m, i) = (u.find("/etc/hosts").unwrap(), u.find("LABEL=FILES").unwrap(), u.find("apt-get").unwrap());
+        assert!(h < m && m < i, "{u}");
+        assert_eq!(u.matches("  - [ sh, -c,").count(), 3, "{u}");
     }
 }

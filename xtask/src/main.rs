@@ -48,12 +48,13 @@ Tasks:
   setup    install the system packages and Rust targets the tasks need
   offline-test  install.sh --root / --image and uninstall.sh --root into Debian trees
            and disk images, links compared with systemctl, update-rc.d, rc-update (root)
-  vm-test  the VM matrix: every scenario on five booted Debian images (QEMU) with the
-           packaged agent; report in target/vm-report (root; part of test)
+  vm-test  the VM matrix: every scenario on booted images (QEMU) with the packaged
+           agent: the Debian images built here, debian-12-genericcloud and the
+           catalogue's cloud images; report in target/vm-report (root; part of test)
   catalogue  the cloud-image catalogue ci/distros.toml: --check, --json (the CI
            matrix), --fetch NAME (download and verify into target/vm-images)
-  vm-cloud the cloud path (own bootloader, NoCloud seed, package disk) on the
-           offline debian-12-genericcloud image
+  vm-cloud alias: vm-test --image debian-12-genericcloud (own bootloader,
+           NoCloud seed, cloud-init installs the package)
   help     this text; `cargo xtask TASK --help` for a task's options
 ";
 

@@ -164,28 +164,6 @@ pub fn run(args: &[String]) -> Result<()> {
         eprintln!("\n    note: not root, the booted-VM tier was skipped (run as root to include it)");
         partial.push("booted VM (needs root)");
     }
-    // The cloud path: an image booted by its own bootloader, provisioned by
-    // cloud-init from a NoCloud seed and a package disk (docs/vm-tests.md).
-    if is_root() {
-        step(
-            "cloud path: debian-12-genericcloud by its own bootloader, cloud-init, package disk (cargo xtask vm-cloud)",
-        );
-        let deb = crate::util::root()
-            .join("target/dist")
-            .join(crate::pkgmeta::deb_name(&crate::pkgmeta::workspace_version()?));
-        let args: Vec<String> = if deb.exists() { vec!["--deb".into(), deb.display().to_string()] } else { Vec::new() };
-        if let Err(e) = crate::cloudimg::run(&args) {
-            println!("{} passed, {} failed", tally.passed, tally.failed + 1);
-            return Err(e);
-        }
-        tally.passed += 1;
-    } else if in_ci() {
-        println!("{} passed, {} failed", tally.passed, tally.failed + 1);
-        bail!("the cloud-path tier needs root, and CI=true forbids skipping it");
-    } else {
-        eprintln!("\n    note: not root, the cloud-path tier was skipped (run as root to include it)");
-        partial.push("cloud path (needs root)");
-    }
     // The closing line: the tests that ran, nothing else.
     if partial.is_empty() {
         step("all tiers passed");

@@ -103,6 +103,9 @@ pub enum Layout {
     MbrExt4,
     /// GPT partition 1 is an LVM PV of VG `vmvg`; XFS on LV `root`.
     LvmXfs,
+    /// A catalogue image whose root is on LVM (the distribution's VG and LV
+    /// names, e.g. RHEL-family XFS on LVM).
+    CloudLvm,
 }
 
 impl Layout {
@@ -111,26 +114,73 @@ impl Layout {
             Layout::GptExt4 => "gpt/ext4",
             Layout::MbrExt4 => "mbr/ext4",
             Layout::LvmXfs => "gpt/lvm/xfs",
+            Layout::CloudLvm => "lvm (the image's own)",
         }
     }
 }
 
-/// One image definition. The cloud-image catalogue adds entries of its own
-/// kind; everything else (scenarios, report) only reads these fields.
+/// How an image is made and provisioned.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// A Debian rootfs from mmdebstrap, provisioned (test shell, network)
+    /// when the disk is built, booted with `-kernel`.
+    Built,
+    /// A cloud image, booted by its own bootloader and provisioned at its
+    /// first boot by cloud-init from a NoCloud seed ([`super::cloud`]): the
+    /// test shell, the agent's config and certificates, and (in the chain
+    /// with the `install` scenario) our package installed from the FILES
+    /// disk by the `install` command of catalogue entry `entry`.
+    Cloud { source: CloudSource, entry: &'static str },
+}
+
+/// Where a cloud image's disk comes from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CloudSource {
+    /// Built here from Debian's archive to look like Debian's own cloud
+    /// image (`crate::cloudimg`): the cloud path, proven without downloads.
+    Genericcloud,
+    /// Downloaded and verified from the catalogue (`crate::catalogue::fetch`).
+    Catalogue,
+}
+
+/// One image definition. Catalogue images (ci/distros.toml) are rows of the
+/// `Cloud` kind made at run time ([`by_name`]); everything else (scenarios,
+/// report) only reads these fields.
 pub struct Image {
     pub name: &'static str,
-    /// Debian suite for mmdebstrap.
+    /// Debian suite for mmdebstrap (empty for catalogue images).
     pub suite: &'static str,
     pub init: Init,
     pub layout: Layout,
+    pub kind: Kind,
 }
 
 pub const IMAGES: &[Image] = &[
-    Image { name: "debian-11", suite: "bullseye", init: Init::Systemd, layout: Layout::GptExt4 },
-    Image { name: "debian-12", suite: "bookworm", init: Init::Systemd, layout: Layout::GptExt4 },
-    Image { name: "debian-13", suite: "trixie", init: Init::Systemd, layout: Layout::LvmXfs },
-    Image { name: "debian-12-sysvinit", suite: "bookworm", init: Init::Sysvinit, layout: Layout::MbrExt4 },
-    Image { name: "debian-12-openrc", suite: "bookworm", init: Init::Openrc, layout: Layout::GptExt4 },
+    Image { name: "debian-11", suite: "bullseye", init: Init::Systemd, layout: Layout::GptExt4, kind: Kind::Built },
+    Image { name: "debian-12", suite: "bookworm", init: Init::Systemd, layout: Layout::GptExt4, kind: Kind::Built },
+    Image { name: "debian-13", suite: "trixie", init: Init::Systemd, layout: Layout::LvmXfs, kind: Kind::Built },
+    Image {
+        name: "debian-12-sysvinit",
+        suite: "bookworm",
+        init: Init::Sysvinit,
+        layout: Layout::MbrExt4,
+        kind: Kind::Built,
+    },
+    Image {
+        name: "debian-12-openrc",
+        suite: "bookworm",
+        init: Init::Openrc,
+        layout: Layout::GptExt4,
+        kind: Kind::Built,
+    },
+    // Installs with the catalogue's debian-12 entry, the image it mimics.
+    Image {
+        name: "debian-12-genericcloud",
+        suite: "bookworm",
+        init: Init::Systemd,
+        layout: Layout::GptExt4,
+        kind: Kind::Cloud { source: CloudSource::Genericcloud, entry: "debian-12" },
+    },
 ];
 
 /// On top of minbase, in every image: udev (for /dev/disk/by-id), a kernel
@@ -153,6 +203,8 @@ pub struct Built {
     pub append: String,
     /// Tool versions inside the image (for the report).
     pub versions: Vec<(String, String)>,
+    /// Cloud kind: booted by its own bootloader, provisioned by cloud-init.
+    pub cloud: Option<super::cloud::CloudBuilt>,
 }
 
 pub fn images_dir() -> PathBuf {
@@ -330,8 +382,11 @@ fn tool_versions(rootfs: &Path) -> Result<Vec<(String, String)>> {
     .collect())
 }
 
-/// Build (or take from the cache) the disk of `img`.
+/// Build (or take from the cache, or download) the disk of `img`.
 pub fn build(img: &Image) -> Result<Built> {
+    if let Kind::Cloud { source, entry } = img.kind {
+        return super::cloud::build(img, source, entry);
+    }
     let tar = base_tarball(img)?;
     let recipe = format!(
         "{RECIPE_VERSION}\n{}\n{}\n{:?}\n{:?}\n{ROOT_DISK}\n{GUEST_SHELL}\n{SHELL_UNIT}\n{}",
@@ -356,6 +411,7 @@ pub fn build(img: &Image) -> Result<Built> {
             initrd: dir.join("initrd.img"),
             append: v["append"].as_str().unwrap_or("").to_string(),
             versions,
+            cloud: None,
         });
     }
     let t = Instant::now();
@@ -373,6 +429,7 @@ pub fn build(img: &Image) -> Result<Built> {
             (format!("UUID={fs_uuid} / ext4 errors=remount-ro 0 1"), format!("root=UUID={fs_uuid}"))
         }
         Layout::LvmXfs => ("/dev/mapper/vmvg-root / xfs defaults 0 0".to_string(), "root=/dev/mapper/vmvg-root".into()),
+        Layout::CloudLvm => bail!("{}: the layout of a catalogue image is not built here", img.name),
     };
     provision(img, &rootfs, &root_fstab)?;
     if img.layout == Layout::LvmXfs {
@@ -396,13 +453,14 @@ pub fn build(img: &Image) -> Result<Built> {
     match img.layout {
         Layout::GptExt4 | Layout::MbrExt4 => ext4_disk(img, &rootfs, &disk, &fs_uuid)?,
         Layout::LvmXfs => lvm_xfs_disk(&rootfs, &disk, &fs_uuid)?,
+        Layout::CloudLvm => unreachable!("refused above"),
     }
     std::fs::remove_dir_all(&rootfs)?;
     let append = format!("{append_root} rw console=ttyS0 net.ifnames=0 panic=-1 loglevel=4");
     let v = serde_json::json!({ "append": append, "versions": versions, "seconds": t.elapsed().as_secs() });
     std::fs::write(&done, serde_json::to_vec_pretty(&v)?)?;
     eprintln!("    {}: disk image in {:.0} s ({})", img.name, t.elapsed().as_secs_f64(), dir.display());
-    Ok(Built { disk, kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), append, versions })
+    Ok(Built { disk, kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), append, versions, cloud: None })
 }
 
 /// A stable UUID for the root filesystem (from the recipe hash).
@@ -572,16 +630,53 @@ fn lvm_xfs_disk(rootfs: &Path, disk: &Path, uuid: &str) -> Result<()> {
     r
 }
 
-/// Create a qcow2 overlay of the cached disk for one run.
-pub fn overlay(base: &Path, out: &Path) -> Result<()> {
-    util::output(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(base).arg(out))?;
+/// Create a qcow2 overlay of the cached disk (`format`: raw or qcow2) for one run.
+pub fn overlay(base: &Path, format: &str, out: &Path) -> Result<()> {
+    util::output(
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(base).arg(out),
+    )?;
     Ok(())
 }
 
-/// An image by name.
-pub fn by_name(name: &str) -> Result<&'static Image> {
-    match IMAGES.iter().find(|i| i.name == name) {
-        Some(i) => Ok(i),
-        None => bail!("no image {name:?}; images: {}", IMAGES.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")),
+/// An image by name: a row of [`IMAGES`] or, with `catalogue` or when no
+/// row has the name, an entry of the cloud-image catalogue (ci/distros.toml)
+/// as an image of the cloud kind. Catalogue names that are also rows here
+/// (debian-11, -12, -13: the download vs the image built here) need
+/// `catalogue` (`vm-test --catalogue`).
+pub fn by_name(name: &str, catalogue: bool) -> Result<&'static Image> {
+    if !catalogue {
+        if let Some(i) = IMAGES.iter().find(|i| i.name == name) {
+            return Ok(i);
+        }
     }
+    let entries = crate::catalogue::load(&crate::catalogue::path())?;
+    let Some(e) = entries.iter().find(|e| e.name == name) else {
+        bail!(
+            "no image {name:?}; images built here: {}; catalogue (ci/distros.toml): {}",
+            IMAGES.iter().map(|i| i.name).collect::<Vec<_>>().join(", "),
+            entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    let name = leak(&e.name);
+    let init = match e.init {
+        crate::catalogue::Init::Systemd => Init::Systemd,
+        crate::catalogue::Init::Openrc => Init::Openrc,
+        crate::catalogue::Init::Sysv => Init::Sysvinit,
+    };
+    let l = e.root_layout.to_ascii_lowercase();
+    let layout = if l.contains("lvm") {
+        Layout::CloudLvm
+    } else if l.contains("mbr") || l.contains("dos") {
+        Layout::MbrExt4
+    } else {
+        Layout::GptExt4
+    };
+    Ok(Box::leak(Box::new(Image {
+        name,
+        suite: "",
+        init,
+        layout,
+        kind: Kind::Cloud { source: CloudSource::Catalogue, entry: name },
+    })))
 }

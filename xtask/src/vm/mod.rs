@@ -9,6 +9,10 @@
 //! certificates and the agent config; then images in parallel (as many as
 //! `--jobs`, default 2 for 2 cores), each: build or take the cached disk,
 //! run its chains of scenarios, print one progress line per scenario.
+//! Images of the cloud kind (`debian-12-genericcloud`, and every entry of
+//! the catalogue ci/distros.toml) are booted by their own bootloader and
+//! provisioned by cloud-init ([`cloud`]); the scenarios are the same.
+pub mod cloud;
 pub mod image;
 pub mod qemu;
 pub mod report;
@@ -27,27 +31,36 @@ use std::time::Instant;
 pub const SERVER_NAME: &str = "mgmt.test";
 
 const HELP: &str = "\
-cargo xtask vm-test [--image NAME]... [--scenario NAME]... [--list] [--offline]
+cargo xtask vm-test [--image NAME]... [--scenario NAME]... [--list] [--catalogue]
                     [--keep] [--jobs N] [--accel tcg|kvm] [--deb PATH]
 
-The VM matrix: boots Debian images (QEMU, software emulation by default) with
-the real .deb and runs every scenario on every image against mgmt-server on
-this machine's loopback. Writes target/vm-report/report.json, report.md and
+The VM matrix: boots images (QEMU, software emulation by default) with the
+real .deb and runs every scenario on every image against mgmt-server on this
+machine's loopback. Images are the Debian images built here and, of the
+cloud kind, debian-12-genericcloud (built here to look like Debian's cloud
+image) and every entry of the catalogue ci/distros.toml (downloaded and
+verified; needs internet): booted by their own bootloader, provisioned by
+cloud-init from a NoCloud seed, our package installed from the FILES disk by
+the entry's `install` command. Writes target/vm-report/report.json, report.md and
 report.html (the image x scenario grid, each cell linking to its console log),
 checks the page in headless chromium when it is installed (screenshot
 target/vm-report/report.png). One progress line per scenario as it ends.
 Fails when any cell is red.
 
 Images are built with mmdebstrap and cached under target/vm/ by a hash of
-their recipe (first build: 2-4 minutes per image). Needs root.
+their recipe (first build: 2-4 minutes per image); catalogue images are
+cached under target/vm-images/. Needs root.
 
 Options:
-  --image NAME     only this image (repeatable); see --list
+  --image NAME     only this image (repeatable): one built here (see --list) or
+                   a catalogue entry (ci/distros.toml)
+  --catalogue      --image names the catalogue's entry even where an image
+                   built here has the same name (debian-11, -12, -13)
   --scenario NAME  only this scenario and those it builds on (repeatable)
   --list           print the images and scenarios and exit; with --json, the
                    CI job matrix generated from the cloud-image catalogue
   --check-catalogue  validate ci/distros.toml and ci/github/vm-matrix.yml offline
-  --offline        the images built here (the default, and all there is today)
+  --offline        all images built here (the default when no --image is given)
   --keep           keep the run directories under target/vm/run
   --build-only     build (or check the cache of) the images, boot nothing
   --jobs N         images booted at once (default 2)
@@ -108,6 +121,8 @@ pub struct Opts {
     pub accel: String,
     pub deb: Option<PathBuf>,
     pub build_only: bool,
+    /// `--image` names catalogue entries.
+    pub catalogue: bool,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -119,6 +134,7 @@ pub fn run(args: &[String]) -> Result<()> {
         accel: "tcg".into(),
         deb: None,
         build_only: false,
+        catalogue: false,
     };
     let mut list_json: Option<bool> = None;
     let mut it = args.iter();
@@ -135,6 +151,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 return crate::catalogue::ci_checks(&scenario_names());
             }
             "--offline" => {}
+            "--catalogue" => o.catalogue = true,
             "--build-only" => o.build_only = true,
             "--keep" => o.keep = true,
             "--image" => o.images.push(it.next().context("--image needs a name")?.clone()),
@@ -169,9 +186,17 @@ pub fn scenario_names() -> Vec<&'static str> {
 }
 
 fn list() {
-    println!("images (name, suite, init, root layout):");
+    println!("images built here (name, suite, init, root layout, kind):");
     for i in image::IMAGES {
-        println!("  {:<20} {:<9} {:<9} {}", i.name, i.suite, i.init.name(), i.layout.describe());
+        let kind = match i.kind {
+            image::Kind::Built => "mmdebstrap, -kernel".to_string(),
+            image::Kind::Cloud { entry, .. } => format!("cloud (own bootloader, cloud-init, install of {entry})"),
+        };
+        println!("  {:<22} {:<9} {:<9} {:<11} {kind}", i.name, i.suite, i.init.name(), i.layout.describe());
+    }
+    if let Ok(entries) = crate::catalogue::load(&crate::catalogue::path()) {
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        println!("catalogue images (ci/distros.toml, downloaded; --catalogue for debian-*): {}", names.join(" "));
     }
     println!("scenarios (name, chain, builds on):");
     for s in scenario::SCENARIOS {
@@ -203,7 +228,7 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
     let imgs: Vec<&'static image::Image> = if o.images.is_empty() {
         image::IMAGES.iter().collect()
     } else {
-        o.images.iter().map(|n| image::by_name(n)).collect::<Result<_>>()?
+        o.images.iter().map(|n| image::by_name(n, o.catalogue)).collect::<Result<_>>()?
     };
     let scens = selected_scenarios(&o.scenarios)?;
     if !is_root() {
@@ -490,6 +515,15 @@ fn files_disk(dir: &Path, pki: &Path, deb: &Path, next: &Path) -> Result<PathBuf
     std::fs::create_dir_all(f.join("pki"))?;
     std::fs::copy(deb, f.join(deb.file_name().unwrap()))?;
     std::fs::copy(next, f.join(next.file_name().unwrap()))?;
+    // The .rpm and .apk of the same build, for catalogue images that install
+    // those (`cargo xtask dist` writes them next to the .deb).
+    if let (Some(d), Ok(v)) = (deb.parent(), crate::pkgmeta::workspace_version()) {
+        for n in [crate::pkgmeta::rpm_name(&v), crate::pkgmeta::apk_name(&v)] {
+            if d.join(&n).exists() {
+                std::fs::copy(d.join(&n), f.join(&n))?;
+            }
+        }
+    }
     for n in ["ca.pem", "agent-cert.pem", "agent-key.pem"] {
         std::fs::copy(pki.join(n), f.join("pki").join(n))?;
     }

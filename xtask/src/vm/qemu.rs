@@ -1,4 +1,5 @@
-//! One QEMU process: direct kernel boot of an image overlay with data disks
+//! One QEMU process: direct kernel boot (or, for cloud images, the image's
+//! own bootloader) of an image overlay with data disks
 //! by virtio serial, user networking restricted to one `guestfwd` to the
 //! host's mgmt-server, a QMP socket (block_resize) and the test shell on the
 //! virtio serial port `vmtest.ctl` ([`Vm::sh`]). Console on a log file.
@@ -25,9 +26,10 @@ pub struct Disk {
 pub struct Spec<'a> {
     pub accel: &'a str,
     pub uuid: &'a str,
-    pub kernel: &'a Path,
-    pub initrd: &'a Path,
-    pub append: &'a str,
+    /// Direct kernel boot; `None`: the root disk's own bootloader (cloud
+    /// images), with `-cpu max` (EL9 kernels need x86-64-v2) and more memory
+    /// (cloud-init is Python).
+    pub kernel: Option<(&'a Path, &'a Path, &'a str)>,
     pub disks: &'a [Disk],
     pub server_port: u16,
     pub dir: &'a Path,
@@ -53,24 +55,30 @@ impl Vm {
         let _ = std::fs::remove_file(&qmp);
         let _ = std::fs::remove_file(&ctl_path);
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", s.accel, "-m", "768", "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot"])
+        let mem = if s.kernel.is_some() { "768" } else { "1024" };
+        cmd.args(["-accel", s.accel, "-m", mem, "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-uuid", s.uuid])
             .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-kernel")
-            .arg(s.kernel)
-            .arg("-initrd")
-            .arg(s.initrd)
-            .args(["-append", s.append]);
+            .arg(format!("file:{}", console.display()));
+        match s.kernel {
+            Some((kernel, initrd, append)) => {
+                cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).args(["-append", append]);
+            }
+            None => {
+                cmd.args(["-cpu", "max"]);
+            }
+        }
         for d in s.disks {
             let fmt = if d.path.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
             // FILES is shared by every VM of a run: read-only, so QEMU takes
             // a shared lock (with two images at once the second QEMU failed
             // "Failed to get \"write\" lock").
-            let ro = if d.serial == "FILES" { ",readonly=on" } else { "" };
+            // The NoCloud seed too.
+            let ro = if d.serial == "FILES" || d.serial == "CIDATA" { ",readonly=on" } else { "" };
+            let boot = if s.kernel.is_none() && d.serial == "ROOT" { ",bootindex=0" } else { "" };
             cmd.arg("-drive")
                 .arg(format!("file={},if=none,id={},format={fmt}{ro}", d.path.display(), d.id))
-                .args(["-device", &format!("virtio-blk-pci,drive={},serial={}", d.id, d.serial)]);
+                .args(["-device", &format!("virtio-blk-pci,drive={},serial={}{boot}", d.id, d.serial)]);
         }
         // guestfwd to a `tcp:` chardev is ONE connection, opened when QEMU
         // starts: the server closed it after 30 s idle, before a slow TCG

@@ -102,7 +102,8 @@ impl<'a> Ctx<'a> {
     pub fn new(img: &'static Image, built: &'a Built, env: &'a Env, dir: PathBuf, chain: &str) -> Result<Ctx<'a>> {
         std::fs::create_dir_all(&dir)?;
         let root = dir.join("root.qcow2");
-        super::image::overlay(&built.disk, &root)?;
+        let format = built.cloud.as_ref().map_or("raw", |c| c.format.as_str());
+        super::image::overlay(&built.disk, format, &root)?;
         let mut disks = vec![Disk { id: "root".into(), serial: "ROOT".into(), path: root }];
         for (id, serial, size) in DATA_DISKS {
             let p = dir.join(format!("{serial}.raw"));
@@ -110,6 +111,13 @@ impl<'a> Ctx<'a> {
             disks.push(Disk { id: id.to_string(), serial: serial.to_string(), path: p });
         }
         disks.push(Disk { id: "files".into(), serial: "FILES".into(), path: env.files_disk.clone() });
+        if let Some(cloud) = &built.cloud {
+            // cloud-init installs our package in the chain that holds the
+            // `install` scenario; the other chains get the test shell only.
+            let install = SCENARIOS.iter().any(|s| s.chain == chain && s.name == "install");
+            let seed = super::cloud::seed(img, cloud, env, &dir, chain, install)?;
+            disks.push(Disk { id: "seed".into(), serial: "CIDATA".into(), path: seed });
+        }
         let transcript = std::fs::File::create(dir.join(format!("transcript-{chain}.log")))?;
         Ok(Ctx {
             img,
@@ -149,12 +157,15 @@ impl<'a> Ctx<'a> {
         // kernel's IO-APIC timer check to fail ("IO-APIC + timer doesn't
         // work!" and a panic within 50 ms of boot).
         let append = format!("{} no_timer_check", self.built.append);
+        let kernel = self.built.cloud.is_none().then_some((
+            self.built.kernel.as_path(),
+            self.built.initrd.as_path(),
+            append.as_str(),
+        ));
         let spec = qemu::Spec {
             accel: &self.env.accel,
             uuid: &self.uuid,
-            kernel: &self.built.kernel,
-            initrd: &self.built.initrd,
-            append: &append,
+            kernel,
             disks: &disks,
             server_port: self.env.server_port,
             dir: &self.dir,
@@ -169,7 +180,10 @@ impl<'a> Ctx<'a> {
         let out = self.sh_ok(self.img.init.boot_finished())?;
         self.log(&format!("{name}: boot finished after {:.0} s: {}", t.elapsed().as_secs_f64(), out.trim()));
         if !without.contains(&"FILES") {
-            self.sh_ok("mkdir -p /mnt/files && mount -o ro /dev/disk/by-id/virtio-FILES /mnt/files")?;
+            // A cloud image's first boot mounted it already (cloud-init).
+            self.sh_ok(
+                "findmnt -n /mnt/files >/dev/null || { mkdir -p /mnt/files && mount -o ro /dev/disk/by-id/virtio-FILES /mnt/files; }",
+            )?;
         }
         Ok(())
     }
@@ -381,6 +395,9 @@ fn by_id(serial: &str) -> String {
 // ---------------------------------------------------------------- scenarios
 
 fn install(c: &mut Ctx) -> Result<String> {
+    if c.built.cloud.is_some() {
+        return install_by_cloud_init(c);
+    }
     let init = c.img.init;
     c.set_step("dpkg -i the .deb");
     let deb = c.env.deb_name.clone();
@@ -409,6 +426,48 @@ fn install(c: &mut Ctx) -> Result<String> {
     ensure!(!pid.trim().is_empty(), "no xcp-vm-agent process after the restart");
     let setting_up = out.lines().find(|l| l.starts_with("Setting up")).unwrap_or("").trim().to_string();
     Ok(format!("{setting_up}; enabled and running under {} (pid {})", init.name(), pid.trim()))
+}
+
+/// On a cloud image `install` is what cloud-init did at the first boot:
+/// it wrote the config and certificates and ran the catalogue entry's
+/// `install` command on our package from the FILES disk
+/// (`super::cloud::seed`). Judged here: cloud-init finished without
+/// errors, the command exited 0, the package of this build is installed,
+/// the service is enabled and running with the files cloud-init wrote,
+/// byte for byte those of the FILES disk. No restart: the service must have
+/// started with the config the user-data gave it.
+fn install_by_cloud_init(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    let cloud = c.built.cloud.clone().context("not a cloud image")?;
+    c.set_step("cloud-init finished its first boot");
+    let (rc, st) = c.sh("cloud-init status --wait --long")?;
+    ensure!(rc == 0 && st.contains("done"), "cloud-init status exited {rc}: {}", last_lines(&st, 15));
+    c.set_step(&format!("the catalogue's install command `{}` exited 0", cloud.install));
+    let log = c.sh_ok(&format!("cat {}", super::cloud::INSTALL_LOG)).unwrap_or_default();
+    let rc =
+        c.sh_ok(&format!("cat {}", super::cloud::INSTALL_RC)).context("cloud-init did not run the install command")?;
+    ensure!(rc.trim() == "0", "the install command exited {}: {}", rc.trim(), last_lines(&log, 15));
+    c.set_step("our package of this build is installed");
+    let v = c.sh_ok(super::cloud::installed_version(cloud.package))?;
+    ensure!(v.trim() == c.env.version, "installed version {:?} is not {}", v.trim(), c.env.version);
+    c.set_step("service enabled and running under the init system");
+    c.sh_ok(init.service_enabled()).context("the package did not enable the service")?;
+    c.sh_until(init.service_running()).context("the package did not start the service")?;
+    c.set_step("config and certificates as the user-data wrote them");
+    c.sh_ok(
+        "cmp /mnt/files/config.json /etc/xcp-vm-agent/config.json && for f in ca.pem agent-cert.pem agent-key.pem; do \
+         cmp /mnt/files/pki/$f /etc/xcp-vm-agent/pki/$f || exit 1; done && \
+         [ \"$(stat -c %a /etc/xcp-vm-agent/pki/agent-key.pem)\" = 600 ]",
+    )?;
+    let pid = c.sh_ok(init.service_pid())?;
+    ensure!(!pid.trim().is_empty(), "no xcp-vm-agent process");
+    let setting_up = log.lines().find(|l| l.starts_with("Setting up xcp-vm-agent")).unwrap_or("").trim().to_string();
+    Ok(format!(
+        "cloud-init: `{}` exited 0 ({setting_up}); config and certificates from user-data; enabled and running under {} (pid {})",
+        cloud.install,
+        init.name(),
+        pid.trim()
+    ))
 }
 
 fn check_in(c: &mut Ctx) -> Result<String> {
@@ -527,13 +586,22 @@ fn grow_data_online(c: &mut Ctx) -> Result<String> {
 }
 
 fn grow_root_online(c: &mut Ctx) -> Result<String> {
-    let lv_before = if c.img.layout == Layout::LvmXfs { Some(lv_bytes(c, "vmvg/root")?) } else { None };
+    let root_lv = match c.img.layout {
+        Layout::LvmXfs => Some("vmvg/root".to_string()),
+        Layout::CloudLvm => Some(c.sh_ok("findmnt -n -o SOURCE /")?.trim().to_string()),
+        Layout::GptExt4 | Layout::MbrExt4 => None,
+    };
+    let lv_before = match &root_lv {
+        Some(lv) => Some(lv_bytes(c, lv)?),
+        None => None,
+    };
     let (_j, b, a) = grow(c, "root", &by_id("ROOT"), 512 << 20, "/")?;
     let mut msg = format!("/ {b} -> {a} bytes (df)");
     if let Some(lb) = lv_before {
-        let la = lv_bytes(c, "vmvg/root")?;
+        let lv = root_lv.unwrap_or_default();
+        let la = lv_bytes(c, &lv)?;
         ensure!(la > lb, "the root LV did not grow: {lb} -> {la}");
-        msg.push_str(&format!("; LV vmvg/root {lb} -> {la}"));
+        msg.push_str(&format!("; LV {lv} {lb} -> {la}"));
     }
     Ok(msg)
 }
