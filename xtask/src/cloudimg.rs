@@ -326,7 +326,9 @@ pub fn user_data(files: &[SeedFile], hosts: &str, cmds: &[String], pkg_dir: &str
     let mut s = String::from("#cloud-config\n# xcp-vm-agent VM matrix: provisioning from the FILES disk, no network\n");
     s.push_str("manage_etc_hosts: false\nwrite_files:\n");
     for f in files {
-        s.push_str(&format!("  - path: {}\n    permissions: '{}'\n    content: |\n", f.path, f.mode));
+        // `|` ends the text with one newline, `|-` with none: the file as given.
+        let chomp = if f.content.ends_with('\n') { "|" } else { "|-" };
+        s.push_str(&format!("  - path: {}\n    permissions: '{}'\n    content: {chomp}\n", f.path, f.mode));
         for l in f.content.lines() {
             s.push_str(&format!("      {l}\n"));
         }
@@ -388,6 +390,11 @@ mod tests {
         let u = user_data(&files, "10.0.2.100 mgmt.test\n", &cmds, "/mnt/files", "x.deb");
         assert!(u.starts_with("#cloud-config\n"), "{u}");
         assert!(u.contains("    content: |\n      {\n        \"a\": 1\n      }\n"), "{u}");
+        // A file without a final newline is written without one (a config
+        // compared byte for byte with the FILES disk's copy was one longer).
+        let bare = [SeedFile { path: "/x", mode: "0644", content: "{}" }];
+        let u2 = user_data(&bare, "", &[], "/mnt/files", "x.deb");
+        assert!(u2.contains("    content: |-\n      {}\n"), "{u2}");
         assert!(u.contains("permissions: '0600'"));
         assert!(u.contains("\"apt-get install -y /mnt/files/x.deb\""), "{u}");
         assert!(u.contains("printf '%s\\\\n' '10.0.2.100 mgmt.test' >> /etc/hosts"), "{u}");
