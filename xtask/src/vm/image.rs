@@ -231,8 +231,28 @@ fn base_packages(img: &Image) -> String {
     format!("{COMMON_PACKAGES},{}", img.init.packages())
 }
 
+/// One lock per suite: two images of one suite (bookworm has three) build
+/// their tarballs one after the other, so the second takes every package
+/// from the first one's download cache instead of the archive.
+fn suite_lock(suite: &str) -> std::sync::Arc<std::sync::Mutex<()>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Locks = Mutex<Vec<(String, Arc<Mutex<()>>)>>;
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    let mut l = LOCKS.get_or_init(Default::default).lock().unwrap();
+    if let Some((_, m)) = l.iter().find(|(s, _)| s == suite) {
+        return m.clone();
+    }
+    let m = Arc::new(Mutex::new(()));
+    l.push((suite.to_string(), m.clone()));
+    m
+}
+
 /// The mmdebstrap tarball for this image's suite and init, cached by the
-/// hash of its package list.
+/// hash of its package list. The downloaded .debs are kept per suite under
+/// `target/vm/apt-cache/SUITE/` (mmdebstrap's sync-in/sync-out hooks; apt
+/// checks every file against the archive's index before using it, and the
+/// tarball itself leaves them out), so the three bookworm images download
+/// their packages once.
 fn base_tarball(img: &Image) -> Result<PathBuf> {
     let include = base_packages(img);
     let key = hex(&Sha256::digest(format!("{}\n{include}", img.suite))[..6]);
@@ -242,20 +262,37 @@ fn base_tarball(img: &Image) -> Result<PathBuf> {
     if tar.exists() {
         return Ok(tar);
     }
+    let lock = suite_lock(img.suite);
+    let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if tar.exists() {
+        return Ok(tar);
+    }
     let t = Instant::now();
     step(&format!("vm: {}: mmdebstrap {} minbase + {include} (cached afterwards)", img.name, img.suite));
     let uri = mirror_uri()?;
     let tmp = tar.with_extension("tmp");
+    let cache = root().join("target/vm/apt-cache").join(img.suite);
+    std::fs::create_dir_all(&cache)?;
+    let cached =
+        std::fs::read_dir(&cache)?.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".deb")).count();
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--variant=minbase", "--mode=root", "--format=tar", "--quiet"]);
+    // The hooks split their arguments at spaces: no cache for such a path.
+    if !cache.to_string_lossy().contains(char::is_whitespace) {
+        cmd.arg("--skip=essential/unlink")
+            .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+            .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", cache.display()))
+            .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", cache.display()));
+    }
     util::run(
-        Command::new("mmdebstrap")
-            .args(["--variant=minbase", "--mode=root", "--format=tar", "--quiet"])
-            .arg(format!("--include={include}"))
-            .arg(img.suite)
-            .arg(&tmp)
-            .arg(format!("deb {uri} {} main", img.suite)),
+        cmd.arg(format!("--include={include}")).arg(img.suite).arg(&tmp).arg(format!("deb {uri} {} main", img.suite)),
     )?;
     std::fs::rename(&tmp, &tar)?;
-    eprintln!("    {}: base rootfs in {:.0} s", img.name, t.elapsed().as_secs_f64());
+    eprintln!(
+        "    {}: base rootfs in {:.0} s ({cached} packages were in the download cache)",
+        img.name,
+        t.elapsed().as_secs_f64()
+    );
     Ok(tar)
 }
 
@@ -391,7 +428,9 @@ pub fn build(img: &Image) -> Result<Built> {
     let recipe = format!(
         "{RECIPE_VERSION}\n{}\n{}\n{:?}\n{:?}\n{ROOT_DISK}\n{GUEST_SHELL}\n{SHELL_UNIT}\n{}",
         img.name,
-        tar.display(),
+        // The tarball's name (suite, init, hash of its package list), not
+        // its path: a cache copied to another checkout stays valid.
+        tar.file_name().unwrap_or_default().to_string_lossy(),
         img.init,
         img.layout,
         std::fs::metadata(&tar)?.len()
