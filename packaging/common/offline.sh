@@ -340,9 +340,22 @@ root_service() {
             say "service: /etc/systemd/system/$NAME.service, enabled: multi-user.target.wants/$NAME.service (as systemctl enable)"
             ;;
         openrc)
-            root_put_service 0755 "$HERE/$NAME.openrc" /etc/init.d/$NAME
+            # Debian's (and Devuan's) OpenRC runs the LSB scripts of
+            # /etc/init.d, as the .deb ships ours: it has no localmount for
+            # the openrc-run script to need, and dpkg's start-stop-daemon
+            # has no --stdout for its output_log.
+            case " $OS_ID $OS_LIKE " in
+                *" debian "*)
+                    root_put_service 0755 "$HERE/$NAME.init" /etc/init.d/$NAME
+                    _kind="LSB script, as Debian's OpenRC runs them"
+                    ;;
+                *)
+                    root_put_service 0755 "$HERE/$NAME.openrc" /etc/init.d/$NAME
+                    _kind=openrc-run
+                    ;;
+            esac
             root_link /etc/init.d/$NAME /etc/runlevels/default/$NAME
-            say "service: /etc/init.d/$NAME (openrc-run), enabled: /etc/runlevels/default/$NAME (as rc-update add $NAME default)"
+            say "service: /etc/init.d/$NAME ($_kind), enabled: /etc/runlevels/default/$NAME (as rc-update add $NAME default)"
             ;;
         sysv)
             root_put_service 0755 "$HERE/$NAME.init" /etc/init.d/$NAME
@@ -464,10 +477,16 @@ root_uninstall() {
         say "removed the systemd unit and its link"
     fi
     if [ -f "$_i" ] && grep -q "$OFF_BIN" "$_i"; then
-        if head -n 1 "$_i" | grep -q openrc-run; then
-            for _l in "$(rpath /etc/runlevels)"/*/"$NAME"; do
-                if [ -L "$_l" ]; then rm -f "$_l"; fi
-            done
+        # OpenRC: runlevel links (to the openrc-run script, or to the LSB
+        # script on Debian's OpenRC); else SysV rc?.d links.
+        _rl=0
+        for _l in "$(rpath /etc/runlevels)"/*/"$NAME"; do
+            if [ -L "$_l" ]; then
+                rm -f "$_l"
+                _rl=1
+            fi
+        done
+        if [ "$_rl" -eq 1 ] || head -n 1 "$_i" | grep -q openrc-run; then
             rm -f "$_i"
             say "removed the OpenRC service and its runlevel links"
         else
@@ -573,9 +592,14 @@ image_holders() {
     done | sort -u | tr '\n' ' ' | sed 's/ $//'
 }
 
+# XFS gets nouuid: a clone of the image (another VM made from the same
+# template, being injected at the same time) carries the same filesystem
+# UUID, and XFS refuses to mount a UUID that is already mounted.
 image_mount() { # device dir [options]
     mkdir -p "$2"
-    mount -o "nodev,nosuid,noexec${3:+,$3}" "$1" "$2" || return 1
+    _xo=""
+    [ "$(blkid -p -o value -s TYPE "$1" 2>/dev/null)" != xfs ] || _xo=nouuid,
+    mount -o "${_xo}nodev,nosuid,noexec${3:+,$3}" "$1" "$2" || return 1
     OFF_MOUNTS="$2
 $OFF_MOUNTS"
 }

@@ -73,7 +73,9 @@ pub fn run(args: &[String]) -> Result<()> {
         return Ok(());
     }
     ensure!(util::is_root(), "the offline install tier needs root (chroots, loop devices)");
-    for tool in ["mmdebstrap", "systemctl", "insserv", "mkfs.ext4", "mkfs.btrfs", "sfdisk", "losetup", "qemu-img"] {
+    for tool in
+        ["mmdebstrap", "systemctl", "insserv", "mkfs.ext4", "mkfs.btrfs", "mkfs.xfs", "sfdisk", "losetup", "qemu-img"]
+    {
         dist::need(tool)?;
     }
     let t0 = Instant::now();
@@ -104,6 +106,8 @@ pub fn run(args: &[String]) -> Result<()> {
     lvm_image(&stage)?;
     step("offline: install.sh --image on btrfs, root in subvolume @, /var in @var (subvol= from the image's fstab)");
     btrfs_image(&stage)?;
+    step("offline: install.sh --image on XFS while a clone of the image (same filesystem UUID) is mounted");
+    xfs_clone_image(&stage)?;
     step(&format!("offline install checks passed in {:.0} s", t0.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -351,6 +355,9 @@ fn init_matches_tool(stage: &Path, certs: &[PathBuf; 3], init: &str) -> Result<(
         "install.sh --root did not list the missing disk tools with Debian's package names:\n{out}"
     );
     check_common(&a, true)?;
+    if init == "openrc" {
+        openrc_deps_resolve(&a)?;
+    }
     // The same service file, enabled by the init system's own tool.
     let tool = match init {
         "systemd" => {
@@ -411,6 +418,42 @@ fn init_matches_tool(stage: &Path, certs: &[PathBuf; 3], init: &str) -> Result<(
     eprintln!("    {init}: uninstall.sh --root left the links {undo} leaves, and otherwise the tree as it was");
     std::fs::remove_dir_all(&a)?;
     std::fs::remove_dir_all(&b)?;
+    Ok(())
+}
+
+/// The tree's own OpenRC computes its dependency tree (rc-depend -u, in a
+/// chroot with a tmpfs on /run, so nothing is written into the tree) and
+/// finds every service ours needs; the script is the LSB one, as the .deb
+/// ships it. Debian's OpenRC runs the LSB scripts of /etc/init.d: it has no
+/// `localmount` and its start-stop-daemon (dpkg's) no `--stdout`. The
+/// openrc-run script written there once needed both, so OpenRC never
+/// started the agent (inject-offline on debian-12-openrc: "ERROR:
+/// xcp-vm-agent needs service(s) localmount", then "start-stop-daemon:
+/// unrecognized option '--stdout'").
+fn openrc_deps_resolve(dir: &Path) -> Result<()> {
+    let script = std::fs::read_to_string(dir.join(format!("etc/init.d/{NAME}")))?;
+    ensure!(
+        script.starts_with("#!/bin/sh\n### BEGIN INIT INFO"),
+        "Debian's OpenRC got a script that is not the LSB one:\n{}",
+        script.lines().take(3).collect::<Vec<_>>().join("\n")
+    );
+    let out = util::output(
+        Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-ec",
+                "mount -t tmpfs openrc \"$1/run\"; chroot \"$1\" /usr/lib/rc/bin/rc-depend -u 2>&1",
+                "sh",
+            ])
+            .arg(dir)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null()),
+    )?;
+    ensure!(out.contains("Caching service dependencies"), "rc-depend -u in the tree did not run:\n{out}");
+    ensure!(!out.contains("non existent"), "the tree's OpenRC cannot start {NAME}:\n{out}");
+    eprintln!("    openrc: the tree's own rc-depend resolves every dependency of {NAME}");
     Ok(())
 }
 
@@ -1021,5 +1064,52 @@ fn btrfs_image(stage: &Path) -> Result<()> {
     checked?;
     eprintln!("    btrfs: root found in subvolume @, /var mounted from @var by the fstab's subvol=, files in @var");
     std::fs::remove_file(&fs)?;
+    Ok(())
+}
+
+/// Root on XFS (debian-13's layout, and RHEL's), the image a clone of
+/// another whose filesystem is mounted on this machine: both carry the same
+/// XFS UUID, and XFS refuses a second mount of one UUID unless `nouuid`.
+/// Two clones of one template injected at once once failed this way.
+fn xfs_clone_image(stage: &Path) -> Result<()> {
+    let tree = tree("systemd", "xfs-tree")?;
+    let fs = scratch().join("xfs.raw");
+    let clone = scratch().join("xfs-clone.raw");
+    for f in [&fs, &clone] {
+        let _ = std::fs::remove_file(f);
+    }
+    std::fs::File::create(&fs)?.set_len(512 * MIB)?;
+    util::run(Command::new("mkfs.xfs").args(["-q", "-L", "offxfs"]).arg(&fs))?;
+    let m = scratch().join("xfs-mnt");
+    std::fs::create_dir_all(&m)?;
+    util::run(Command::new("mount").arg("-o").arg("loop").arg(&fs).arg(&m))?;
+    let filled = util::run(
+        Command::new("sh").args(["-ec", "tar -C \"$2\" -cf - . | tar -C \"$1\" -xf -", "sh"]).arg(&m).arg(&tree),
+    );
+    util::run(Command::new("umount").arg(&m))?;
+    filled?;
+    std::fs::remove_dir_all(&tree)?;
+    util::run(Command::new("cp").arg("--sparse=always").arg(&fs).arg(&clone))?;
+
+    // The clone mounted (as another install.sh --image on it would hold it).
+    let other = scratch().join("xfs-other");
+    std::fs::create_dir_all(&other)?;
+    util::run(Command::new("mount").args(["-o", "loop,ro"]).arg(&clone).arg(&other))?;
+    let out = install(stage, &["--image", &fs.to_string_lossy(), URL]);
+    util::run(Command::new("umount").arg(&other))?;
+    let out = out.context("install.sh --image on an XFS image while a clone of it is mounted")?;
+    ensure!(out.contains("root filesystem: /dev/loop") && out.contains("detached"), "{out}");
+    nothing_left(&fs)?;
+    util::run(Command::new("mount").args(["-o", "loop,ro"]).arg(&fs).arg(&m))?;
+    let checked = (|| -> Result<()> {
+        ensure!(m.join("usr/local/bin/xcp-vm-agent").exists(), "no binary on the XFS root");
+        ensure!(m.join("etc/systemd/system/multi-user.target.wants/xcp-vm-agent.service").is_symlink(), "not enabled");
+        Ok(())
+    })();
+    util::run(Command::new("umount").arg(&m))?;
+    checked?;
+    eprintln!("    XFS: installed into a clone's image while the other clone (same XFS UUID) was mounted");
+    std::fs::remove_file(&fs)?;
+    std::fs::remove_file(&clone)?;
     Ok(())
 }

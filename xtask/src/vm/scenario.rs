@@ -833,7 +833,6 @@ fn takeover_103(c: &mut Ctx) -> Result<String> {
     ))
 }
 
-/// Fail early with a clear reason if a scenario name is unknown.
 /// From the host, before the first boot: `install.sh --image` of the release
 /// tarball into this chain's qcow2 overlay (the image has no agent), with
 /// the server URL and the test PKI; then boot: the agent checks in with the
@@ -894,6 +893,7 @@ fn inject_offline(c: &mut Ctx) -> Result<String> {
     ))
 }
 
+/// Fail early with a clear reason if a scenario name is unknown.
 pub fn check_names(names: &[String]) -> Result<()> {
     for n in names {
         if by_name(n).is_none() {
