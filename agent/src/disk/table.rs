@@ -512,4 +512,43 @@ mod tests {
         let e = read(&runner, "/nonexistent/disk").unwrap_err().to_string();
         assert!(e.contains("`sfdisk --json /nonexistent/disk` exited with"), "{e}");
     }
+
+    fn dos(parts: &[(u32, u64, u64)]) -> Table {
+        let partitions = parts
+            .iter()
+            .map(|&(number, start, size)| TablePart {
+                number,
+                node: format!("/dev/sda{number}"),
+                start,
+                size,
+                type_: "83".into(),
+                uuid: None,
+                name: None,
+            })
+            .collect();
+        Table { label: "dos".into(), partitions }
+    }
+
+    #[test]
+    fn mbr_cap_starts_one_sector_past_the_32_bit_limit() {
+        let t = dos(&[(1, 2048, 1 << 20)]);
+        // The usable area ends at sector 2^32: one sector too many for MBR.
+        let g = grow_limit(&t, 1, MBR_MAX_SECTORS + 34, 512).unwrap();
+        assert_eq!((g.max_end, g.mbr_capped_bytes), (MBR_MAX_SECTORS - 1, 512));
+        // Ending at 2^32 - 1 fits: nothing capped.
+        let g = grow_limit(&t, 1, MBR_MAX_SECTORS - 1 + 34, 512).unwrap();
+        assert_eq!((g.max_end, g.mbr_capped_bytes), (MBR_MAX_SECTORS - 1, 0));
+    }
+
+    #[test]
+    fn a_partition_inside_the_tail_does_not_move_the_limit() {
+        // MBR keeps no backup at the end, so a small partition can sit in
+        // the last 34 sectors; growpart's limit stays 34 sectors before the
+        // end, and the partition before it grows to that limit, not to it.
+        let disk = 1u64 << 21;
+        let t = dos(&[(1, 2048, 1 << 20), (2, disk - 10, 8)]);
+        let g = grow_limit(&t, 1, disk, 512).unwrap();
+        assert_eq!(g.max_end, disk - 34);
+        assert_eq!(g.growable_bytes, (disk - 34 - (2048 + (1 << 20) - 1)) * 512);
+    }
 }
