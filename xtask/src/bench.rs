@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::util::{self, cargo, http_json, root, step, Server};
 
-const HELP: &str = "cargo xtask bench [--jobs N]
+const HELP: &str = "cargo xtask bench [--jobs N] [--binary PATH]
 
-Builds the static release binary and measures, against mgmt-server on loopback:
+Builds the static release binary (or takes PATH, e.g. an older build to
+compare with) and measures, against mgmt-server on loopback:
   binary_size_bytes        size of the static agent binary
   idle_rss_kib             resident memory of the idle daemon after 10 check-ins
   cpu_ms_per_idle_checkin  CPU time (all threads, from schedstat) per idle check-in
@@ -100,7 +101,10 @@ pub fn run(args: &[String]) -> Result<()> {
         None => 50,
     };
     crate::setup::run_setup(true)?;
-    let (bin, target) = crate::dist::build_binary(crate::dist::source_date_epoch()?)?;
+    let (bin, target) = match args.iter().position(|a| a == "--binary") {
+        Some(i) => (std::path::PathBuf::from(args.get(i + 1).context("--binary needs a path")?), "given"),
+        None => crate::dist::build_binary(crate::dist::source_date_epoch()?)?,
+    };
     step("bench: building mgmt-server (release)");
     util::run(cargo().args(["build", "--release", "-p", "vm-tests", "--bin", "mgmt-server"]))?;
     let server_bin = root().join("target/release/mgmt-server");
