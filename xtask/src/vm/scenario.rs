@@ -50,8 +50,12 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("grow-root-online", "main", &["check-in"], 240, grow_root_online),
     sc("grow-lvm-online", "main", &["check-in"], 300, grow_lvm_online),
     sc("swap-after-root-refused", "main", &["check-in"], 300, swap_after_root_refused),
+    sc("freeze-thaw", "main", &["initialize-ext4"], 300, freeze_thaw),
+    sc("freeze-deadline", "main", &["initialize-ext4"], 240, freeze_deadline),
     sc("reboot-remount", "main", &["initialize-ext4", "initialize-xfs"], 600, reboot_remount),
     sc("grow-data-online", "main", &["initialize-ext4"], 240, grow_data_online),
+    sc("reboot-once", "main", &["check-in"], 600, reboot_once),
+    sc("shutdown", "main", &["check-in"], 240, shutdown),
     sc("boot-without-disk", "main", &["initialize-xfs"], 600, boot_without_disk),
     sc("upgrade", "main", &["check-in"], 300, upgrade),
     sc("remove", "main", &["install"], 240, remove),
@@ -901,4 +905,251 @@ pub fn check_names(names: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ------------------------------------------------- guest control (issue 13)
+
+/// Start a write to `mp` from a process of its own (not the agent, not the
+/// test shell: it runs in the background); when it went through, it writes
+/// the guest's Unix time to `/run/vmtest-TAG.done` (tmpfs: never frozen).
+fn start_writer(c: &mut Ctx, mp: &str, tag: &str) -> Result<()> {
+    c.sh_ok(&format!(
+        "rm -f /run/vmtest-{tag}.done; (printf '{tag}\\n' > {mp}/vmtest-{tag}.txt && \
+         date +%s > /run/vmtest-{tag}.done) </dev/null >/dev/null 2>&1 &"
+    ))?;
+    Ok(())
+}
+
+/// Fail if the writer of `tag` went through (the filesystem is not frozen).
+fn writer_blocked(c: &mut Ctx, tag: &str, why: &str) -> Result<()> {
+    c.sh_ok(&format!("sleep 3; [ ! -e /run/vmtest-{tag}.done ]"))
+        .with_context(|| format!("a write went through {why}: the filesystem is not frozen"))?;
+    Ok(())
+}
+
+/// Wait until the writer of `tag` went through; its guest Unix time.
+fn writer_done(c: &mut Ctx, mp: &str, tag: &str) -> Result<u64> {
+    let t = c.sh_until(&format!("cat /run/vmtest-{tag}.done"))?.trim().parse().context("writer time")?;
+    c.sh_ok(&format!("[ \"$(cat {mp}/vmtest-{tag}.txt)\" = {tag} ] && rm -f {mp}/vmtest-{tag}.txt"))
+        .context("the blocked write did not land")?;
+    Ok(t)
+}
+
+fn guest_now(c: &mut Ctx) -> Result<u64> {
+    c.sh_ok("date +%s")?.trim().parse().context("date +%s")
+}
+
+fn mount_points(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|f| f["mount_point"].as_str().map(str::to_string)).collect()
+}
+
+/// Where the image keeps its system log, and a command printing it.
+fn system_log(init: Init) -> &'static str {
+    match init {
+        Init::Systemd => "journalctl -b --no-pager -o cat",
+        // No syslog daemon in these images: the agent's own log file and
+        // the kernel's.
+        Init::Sysvinit | Init::Openrc => "cat /var/log/xcp-vm-agent/*.log; dmesg",
+    }
+}
+
+/// FreezeFilesystems with no list (every freezable local filesystem, `/`
+/// included: the case a hypervisor's consistent snapshot asks for), a write
+/// blocked on `/data` meanwhile, ThawFilesystems lets it through; the
+/// system log before and after the freeze is intact and still written.
+/// Nothing the test shell runs while frozen writes to `/` (its script and
+/// the writer's marker live in /run, a tmpfs); the guard's deadline thaws
+/// even if this scenario dies half-way.
+fn freeze_thaw(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    c.set_step("a marker in the system log before the freeze");
+    let systemd = init == Init::Systemd;
+    let journald_restarts =
+        if systemd { c.sh_ok("systemctl show -p NRestarts --value systemd-journald")? } else { String::new() };
+    if systemd {
+        c.sh_ok("logger -t vmtest freeze-thaw-before && journalctl --sync")?;
+    }
+    c.set_step("FreezeFilesystems: every local filesystem, / included");
+    let secs = (120 * u64::from(c.env.slow_factor)).min(600);
+    let j = c.job_ok("FreezeFilesystems", json!({"thaw_after_seconds": secs}))?;
+    let d = j["result"]["details"].clone();
+    let frozen = mount_points(&d["frozen"]);
+    ensure!(
+        frozen.iter().any(|m| m == "/") && frozen.iter().any(|m| m == "/data"),
+        "/ and /data are not both frozen: frozen {frozen:?}, skipped {}",
+        d["skipped"]
+    );
+    c.set_step("a write to /data from another process blocks");
+    start_writer(c, "/data", "thaw")?;
+    writer_blocked(c, "thaw", "while frozen")?;
+    c.set_step("ThawFilesystems (run by the agent while its state directory is frozen)");
+    let t0 = Instant::now();
+    let j = c.job_ok("ThawFilesystems", json!({}))?;
+    let thawed = j["result"]["details"]["thawed"].as_array().map(Vec::len).unwrap_or(0);
+    ensure!(thawed == frozen.len(), "thawed {} of {} frozen: {}", thawed, frozen.len(), j["result"]);
+    writer_done(c, "/data", "thaw")?;
+    let thaw_s = t0.elapsed().as_secs_f64();
+    c.set_step("/ writable again; the system log intact and still written");
+    c.sh_ok(
+        "echo ok > /var/tmp/vmtest-after-thaw && sync /var/tmp/vmtest-after-thaw && rm /var/tmp/vmtest-after-thaw",
+    )?;
+    let log = if systemd {
+        c.sh_ok("logger -t vmtest freeze-thaw-after && journalctl --sync")?;
+        let n = c.sh_ok("systemctl show -p NRestarts --value systemd-journald")?;
+        ensure!(
+            n == journald_restarts,
+            "systemd-journald restarted during the freeze ({} -> {})",
+            journald_restarts.trim(),
+            n.trim()
+        );
+        c.sh_until(&format!("{} | grep -q freeze-thaw-after", system_log(init)))
+            .context("the line logged after the thaw is not in the journal")?;
+        c.sh_ok(&format!("{} | grep -q freeze-thaw-before", system_log(init)))
+            .context("the line logged before the freeze is gone from the journal")?;
+        "journal has the lines from before and after"
+    } else {
+        // The agent's log file is suspended while frozen and written again after.
+        let size = c.sh_ok("cat /var/log/xcp-vm-agent/*.log | wc -c")?;
+        c.sh_until(&format!("[ $(cat /var/log/xcp-vm-agent/*.log | wc -c) -gt {} ]", size.trim()))
+            .context("the agent's log file is not written after the thaw")?;
+        "the agent's log file written again after the thaw"
+    };
+    let bad = c.sh(&format!(
+        "{} | grep -iE 'blocked for more than|EXT4-fs error|XFS.*(corrupt|shutdown)|I/O error' | tail -n 5",
+        system_log(init)
+    ))?;
+    ensure!(bad.1.trim().is_empty(), "the system log reports trouble: {}", bad.1.trim());
+    Ok(format!(
+        "froze {} ({} s deadline), write blocked, thawed by the job in {thaw_s:.1} s; {log}",
+        frozen.join(" "),
+        secs
+    ))
+}
+
+/// FreezeFilesystems `/data` with a deadline, a write blocked, the agent
+/// SIGKILLed: the thaw guard (not the agent) thaws at the deadline.
+fn freeze_deadline(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    let secs = (30 * u64::from(c.env.slow_factor)).min(600);
+    c.set_step("FreezeFilesystems /data with a deadline");
+    let j = c.job_ok("FreezeFilesystems", json!({"mount_points": ["/data"], "thaw_after_seconds": secs}))?;
+    let d = j["result"]["details"].clone();
+    ensure!(mount_points(&d["frozen"]) == ["/data"], "frozen: {}", d["frozen"]);
+    let thaw_at = num(&d, "thaw_at")?;
+    let guard = num(&d, "guard_pid")?;
+    start_writer(c, "/data", "deadline")?;
+    writer_blocked(c, "deadline", "while frozen")?;
+    c.set_step("SIGKILL the agent");
+    let pid = c.sh_ok(init.service_pid())?.trim().to_string();
+    ensure!(!pid.is_empty(), "no agent process");
+    c.sh_ok(&format!("kill -KILL {pid}"))?;
+    let killed_at = guest_now(c)?;
+    ensure!(killed_at + 5 < thaw_at, "too slow: the deadline was near before the kill ({killed_at} vs {thaw_at})");
+    c.set_step("frozen until the deadline, then thawed by the guard");
+    let comm = c.sh(&format!("cat /proc/{guard}/comm"))?.1;
+    let done_at = writer_done(c, "/data", "deadline")?;
+    ensure!(
+        done_at + 1 >= thaw_at,
+        "thawed {} s before the deadline ({done_at} < {thaw_at}; agent killed at {killed_at}; guard {guard} was {:?})",
+        thaw_at - done_at,
+        comm.trim()
+    );
+    ensure!(done_at <= thaw_at + 10 * u64::from(c.env.slow_factor), "thawed late: {done_at} > {thaw_at}");
+    c.sh_ok(&format!("! [ -e /proc/{guard} ] || ! grep -q xcp-thaw-guard /proc/{guard}/comm"))
+        .context("the guard still runs after the deadline")?;
+    c.set_step("the agent back through the init system");
+    c.sh_ok(init.service_restart())?;
+    c.sh_until(init.service_running())?;
+    let t = now_ms();
+    c.wait_checkin(t)?;
+    Ok(format!(
+        "agent SIGKILLed {} s before the deadline; the write went through at the deadline ({} s after it); guard was {:?}",
+        thaw_at - killed_at,
+        done_at as i64 - thaw_at as i64,
+        comm.trim()
+    ))
+}
+
+/// Which init system a power job must name on this image.
+fn power_init(init: Init) -> &'static str {
+    match init {
+        Init::Systemd => "systemd",
+        Init::Sysvinit => "sysv",
+        Init::Openrc => "openrc",
+    }
+}
+
+/// The job ran through the image's init system, the VM went down by
+/// itself and QEMU (run with `-no-reboot`: a reset ends it too) exited;
+/// the kernel's last console line says which. Returns that line.
+fn wait_guest_down(c: &mut Ctx, j: &Value, want: &str) -> Result<String> {
+    let d = &j["result"]["details"];
+    ensure!(
+        d["init_system"] == power_init(c.img.init),
+        "asked {} ({}), not {}",
+        d["init_system"],
+        d["command"],
+        power_init(c.img.init)
+    );
+    let deadline = c.deadline;
+    let r = c.vm.as_mut().context("no VM")?.wait_exit(deadline);
+    c.vm = None;
+    r.context("QEMU did not exit on its own")?;
+    let text = qemu::strip_ansi(&String::from_utf8_lossy(&std::fs::read(c.console().context("no console")?)?));
+    let line = text.lines().rev().find(|l| l.contains("reboot: ")).unwrap_or("").trim().to_string();
+    ensure!(line.contains(want), "the console's last kernel power line is {line:?}, not {want:?}");
+    Ok(line)
+}
+
+/// A Reboot job reboots the VM exactly once: the guest resets (QEMU runs
+/// with `-no-reboot`, so a reset ends the process and the harness starts
+/// the next one: a second reboot would end QEMU again), the boot count is
+/// one more, and stays so over two further check-ins.
+fn reboot_once(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    let boot_id = c.sh_ok("cat /proc/sys/kernel/random/boot_id")?;
+    let boots = c.boots;
+    c.set_step("Reboot job");
+    let j = c.job_ok("Reboot", json!({"delay_seconds": 2}))?;
+    c.set_step("the guest reboots by itself (QEMU ends at the reset)");
+    let line = wait_guest_down(c, &j, "Restarting system")?;
+    c.boot(&[])?;
+    let boot_id2 = c.sh_ok("cat /proc/sys/kernel/random/boot_id")?;
+    ensure!(boot_id2 != boot_id && c.boots == boots + 1, "not a new boot");
+    c.set_step("the agent back; the job delivered once more (the classic reboot loop)");
+    c.sh_until(init.service_running())?;
+    let t = now_ms();
+    c.wait_checkin(t)?;
+    let id = j["id"].as_str().context("job id")?.to_string();
+    c.admin("POST", &format!("/admin/v1/jobs/{id}/redeliver"), Some(&json!({})))?;
+    c.set_step("two further check-ins without another reboot");
+    let mut t = now_ms();
+    for _ in 0..3 {
+        t = num(&c.wait_checkin(t)?, "last_checkin_ms")?;
+    }
+    let again = c.admin("GET", &format!("/admin/v1/jobs/{id}"), None)?;
+    ensure!(num(&again, "delivery_count")? >= 2, "the job was not delivered again: {again}");
+    ensure!(c.sh_ok("cat /proc/sys/kernel/random/boot_id")? == boot_id2, "the VM rebooted again");
+    c.sh_ok("[ ! -e /var/lib/xcp-vm-agent/power-pending.json ]").context("the reboot request is pending again")?;
+    Ok(format!(
+        "through {}: {line:?}; boots {} -> {}, unchanged over two more check-ins with the job delivered again",
+        j["result"]["details"]["command"].as_str().unwrap_or("?"),
+        boots,
+        c.boots
+    ))
+}
+
+/// A Shutdown job powers the VM off and QEMU exits by itself. The chain
+/// goes on with a boot of its own (the next scenario's boot).
+fn shutdown(c: &mut Ctx) -> Result<String> {
+    c.set_step("Shutdown job");
+    let j = c.job_ok("Shutdown", json!({"delay_seconds": 2}))?;
+    c.set_step("the guest powers off; QEMU exits by itself");
+    let t = Instant::now();
+    let line = wait_guest_down(c, &j, "Power down")?;
+    Ok(format!(
+        "through {}: {line:?}; QEMU exited {:.0} s after the result",
+        j["result"]["details"]["command"].as_str().unwrap_or("?"),
+        t.elapsed().as_secs_f64()
+    ))
 }
