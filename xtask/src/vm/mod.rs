@@ -97,7 +97,6 @@ pub const CI_SCENARIOS: &[&str] = &[
     "grow-root-online",
     "swap-after-root-refused",
     "freeze-thaw",
-    "freeze-deadline",
     "reboot-once",
     "shutdown",
     "upgrade",
