@@ -57,6 +57,8 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("reboot-once", "main", &["check-in"], 600, reboot_once),
     sc("shutdown", "main", &["check-in"], 240, shutdown),
     sc("boot-without-disk", "main", &["initialize-xfs"], 600, boot_without_disk),
+    sc("restart-during-job", "main", &["check-in"], 360, restart_during_job),
+    sc("upgrade-from-script", "main", &["check-in"], 480, upgrade_from_script),
     sc("upgrade", "main", &["check-in"], 300, upgrade),
     sc("remove", "main", &["install"], 240, remove),
     sc("takeover-1.0.3", "takeover", &[], 900, takeover_103),
@@ -716,6 +718,118 @@ fn boot_without_disk(c: &mut Ctx) -> Result<String> {
     c.sh_ok("! findmnt -n /data-xfs").context("/data-xfs mounted with its disk missing?")?;
     let state = if c.img.init == Init::Systemd { c.sh("systemctl is-system-running")?.1 } else { String::new() };
     Ok(format!("boot completed without DATA2 {}; agent checked in; /data mounted", state.trim()))
+}
+
+/// Queue a job without waiting (`Ctx::job` waits); its id.
+fn queue(c: &mut Ctx, operation: &str, params: Value) -> Result<String> {
+    let body = json!({"vm_uuid": c.uuid, "operation": operation, "params": params});
+    c.log(&format!("job {body}"));
+    Ok(c.admin("POST", "/admin/v1/jobs", Some(&body))?["id"].as_str().unwrap_or("").to_string())
+}
+
+/// Wait for job `id`'s final state; its record.
+fn wait_final(c: &mut Ctx, id: &str) -> Result<Value> {
+    loop {
+        let j = c.admin("GET", &format!("/admin/v1/jobs/{id}?wait=5"), None)?;
+        let st = j["status"].as_str().unwrap_or("?").to_string();
+        if !matches!(st.as_str(), "queued" | "delivered" | "running") {
+            c.log(&format!("job {id} ended: {}", serde_json::to_string_pretty(&j).unwrap_or_default()));
+            return Ok(j);
+        }
+        if let Some(vm) = c.vm.as_mut() {
+            vm.check_running()?;
+        }
+        ensure!(left(c.deadline) > Duration::ZERO, "job {id} still {st} at the deadline");
+    }
+}
+
+/// One final result and at most one `running` report: never two results.
+fn reported_once(j: &Value) -> Result<()> {
+    let n = j["results_received"].as_u64().unwrap_or(0);
+    ensure!((1..=2).contains(&n), "the server received {n} results for job {}: {j}", j["id"]);
+    Ok(())
+}
+
+/// issue 10: `systemctl restart xcp-vm-agent` (the init's restart) while a
+/// RunScript runs does not end the script; the restarted agent reports its
+/// real result, once. On systemd the script runs in its own transient unit.
+fn restart_during_job(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    c.sh_ok("rm -f /root/rdj-pid /root/rdj-done")?;
+    let pid = c.sh_ok(init.service_pid())?;
+    c.set_step("queue a 40 s RunScript");
+    let script = "echo $$ > /root/rdj-pid; cat /proc/self/cgroup; sleep 40; echo done >> /root/rdj-done; echo finished";
+    let id = queue(c, "RunScript", json!({"script": script, "timeout_seconds": 900}))?;
+    c.sh_until("test -s /root/rdj-pid")?;
+    c.set_step("restart the service mid-job");
+    c.sh_ok(init.service_restart())?;
+    c.sh_until(init.service_running())?;
+    let pid2 = c.sh_ok(init.service_pid())?;
+    ensure!(pid2.trim() != pid.trim() && !pid2.trim().is_empty(), "the service was not restarted (pid {})", pid.trim());
+    c.sh_ok("test ! -e /root/rdj-done && kill -0 \"$(cat /root/rdj-pid)\"")
+        .context("the script did not outlive the restart")?;
+    c.set_step("the script's result arrives from the restarted agent");
+    let j = wait_final(c, &id)?;
+    ensure!(
+        j["status"] == "succeeded" && j["result"]["details"]["exit_code"] == 0,
+        "RunScript ended {}: {}",
+        j["status"],
+        j["result"]["message"]
+    );
+    let out = j["result"]["details"]["stdout"].as_str().unwrap_or("").to_string();
+    ensure!(out.ends_with("finished\n"), "stdout {out:?}");
+    if init == Init::Systemd {
+        ensure!(out.contains("xcp-vm-agent-job-"), "the script did not run in a transient unit: {out:?}");
+    }
+    // (The test shell's output has no trailing newline.)
+    let done = c.sh_ok("cat /root/rdj-done")?;
+    ensure!(done.trim() == "done", "the script's end marker is not there exactly once: {done:?}");
+    reported_once(&j)?;
+    Ok(format!("agent pid {} -> {}; script ran on, exit 0 reported once", pid.trim(), pid2.trim()))
+}
+
+/// issue 10: a RunScript upgrades the agent's own package (`dpkg -i` of N+1
+/// from the FILES disk, as `apt-get install` would): dpkg restarts the agent
+/// under the running job, the job ends with dpkg's status clean and its
+/// result arrives; the next check-in reports N+1. N is then installed back
+/// (a downgrade from the test shell), so `upgrade` after it still upgrades.
+fn upgrade_from_script(c: &mut Ctx) -> Result<String> {
+    let init = c.img.init;
+    let (next, deb) = (c.env.next_deb_name.clone(), c.env.deb_name.clone());
+    let pid = c.sh_ok(init.service_pid())?;
+    c.set_step("RunScript: dpkg -i the newer build");
+    let t = now_ms();
+    let script = format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{next} </dev/null 2>&1; echo dpkg-exit=$?");
+    let id = queue(c, "RunScript", json!({"script": script, "timeout_seconds": 900}))?;
+    let j = wait_final(c, &id)?;
+    let out = j["result"]["details"]["stdout"].as_str().unwrap_or("").to_string();
+    ensure!(j["status"] == "succeeded", "RunScript ended {}: {}; stdout {out}", j["status"], j["result"]["message"]);
+    ensure!(out.contains("dpkg-exit=0"), "dpkg failed: {}", last_lines(&out, 15));
+    reported_once(&j)?;
+    let st = c.sh_ok("dpkg-query -W -f '${db:Status-Abbrev}${Version}' xcp-vm-agent")?;
+    ensure!(st.trim() == format!("ii {}", c.env.next_version), "dpkg status {st:?}, not ii {}", c.env.next_version);
+    c.sh_until(init.service_running())?;
+    let pid2 = c.sh_ok(init.service_pid())?;
+    ensure!(pid2.trim() != pid.trim(), "the service was not restarted (pid {})", pid.trim());
+    c.set_step("the next check-in reports the new version");
+    let deadline = c.deadline;
+    let a = loop {
+        let a = c.wait_checkin(t)?;
+        if a["agent_version"] == c.env.next_version.as_str() || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    ensure!(a["agent_version"] == c.env.next_version.as_str(), "the check-in reports {}", a["agent_version"]);
+    c.set_step("back to N for the upgrade scenario");
+    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{deb} </dev/null 2>&1"))?;
+    let v = c.sh_ok("dpkg-query -W -f '${Version}' xcp-vm-agent")?;
+    ensure!(v.trim() == c.env.version, "installed version {} is not {}", v.trim(), c.env.version);
+    c.sh_until(init.service_running())?;
+    Ok(format!(
+        "{} -> {} from a RunScript: result once, dpkg ii, check-in reports it",
+        c.env.version, c.env.next_version
+    ))
 }
 
 fn upgrade(c: &mut Ctx) -> Result<String> {
