@@ -99,6 +99,8 @@ pub const CI_SCENARIOS: &[&str] = &[
     "freeze-thaw",
     "reboot-once",
     "shutdown",
+    "restart-during-job",
+    "upgrade-from-script",
     "upgrade",
     "remove",
     "takeover-1.0.3",
