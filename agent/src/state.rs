@@ -729,4 +729,15 @@ mod tests {
         assert!(write_atomic(&d.path().join("x.json"), b"data").is_err());
         assert!(!d.path().join(".x.json.tmp").exists(), "the temporary file is left");
     }
+
+    #[test]
+    fn drop_marker_removes_the_running_marker() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(d.path()).unwrap();
+        s.begin(&job("dm-1")).unwrap();
+        let marker = d.path().join("running").join("dm-1.json");
+        assert!(marker.exists(), "begin writes the marker");
+        s.drop_marker("dm-1").unwrap();
+        assert!(!marker.exists(), "drop_marker must remove it");
+    }
 }
