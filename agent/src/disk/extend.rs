@@ -1,6 +1,8 @@
 //! ExtendPartition: grow a partition into the space after it, then its
 //! filesystem (ext2/3/4, XFS) or LVM physical volume (and optionally one
-//! logical volume and its filesystem).
+//! logical volume and its filesystem). A mount point on a linear LVM
+//! logical volume grows all four layers: partition, PV, LV, filesystem
+//! (`target::resolve_target` finds the PV; here the VG must have only it).
 //!
 //! Order: resolve the target through sysfs; probe what is on it and refuse
 //! what cannot be grown (LUKS, unknown) before touching anything; lock the
@@ -104,7 +106,7 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
         d.insert("stale_temp_mounts_removed".into(), json!(stale));
     }
     let mounts = mount::mounts()?;
-    let part = match resolve_target(&sys, &mounts, target) {
+    let (part, auto_lv) = match resolve_target(&sys, &mounts, target) {
         Ok(b) => b,
         Err(e) => match readd_partition(ctx, &sys, target)? {
             true => match resolve_target(&sys, &mounts, target) {
@@ -151,7 +153,14 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             )))
         }
     }
-    let lv = match &p.logical_volume {
+    // A mount point on an LV names it; an explicit one must agree.
+    let lv_name = match (&p.logical_volume, &auto_lv) {
+        (Some(a), Some(b)) if a != b => {
+            return Ok(JobResult::refused(format!("the mount point is on logical volume {b}, not {a}")))
+        }
+        (a, b) => a.clone().or(b.clone()),
+    };
+    let lv = match &lv_name {
         None => None,
         Some(_) if fstype != "LVM2_member" => {
             return Ok(JobResult::refused(format!(
@@ -159,7 +168,10 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             )))
         }
         Some(lv) => match valid_lv(lv) {
-            Some(x) => Some(x),
+            Some(x) => {
+                d.insert("logical_volume".into(), json!(lv));
+                Some(x)
+            }
             None => return Ok(JobResult::refused(format!("logical_volume {lv:?} is not of the form vg/lv"))),
         },
     };
@@ -175,6 +187,19 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
         let o = r.probe("lvs", &["--noheadings", "-o", "lv_name", &format!("{vg}/{l}")]).map_err(|e| anyhow!("{e}"))?;
         if o.code != 0 {
             return Ok(JobResult::refused(format!("no logical volume {vg}/{l}: {}", o.stderr.trim())));
+        }
+        // By mount point, only a volume group on this one PV: lvextend
+        // would otherwise also take the free space of the others.
+        if auto_lv.is_some() {
+            let o = r.probe("vgs", &["--noheadings", "-o", "pv_count", vg]).map_err(|e| anyhow!("{e}"))?;
+            let n = o.stdout.trim();
+            if n != "1" {
+                return Ok(JobResult::refused(format!(
+                    "volume group {vg} has {n:?} physical volumes, not only {part_node}: by mount point only a \
+                     volume group on one physical volume grows (give the partition as \"device\" and the volume \
+                     as \"logical_volume\"); nothing was changed"
+                )));
+            }
         }
     }
     let mp = mount_of(&mounts, &part);
@@ -319,7 +344,7 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
         }
         drop(guard);
     } else {
-        notes.push(format!("{part_node} is a whole disk without partitions: only the filesystem grows"));
+        notes.push(format!("{part_node} is a whole disk without partitions: no partition to grow"));
     }
     d.insert("partition_bytes_after".into(), json!(target_bytes));
 
@@ -346,7 +371,8 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             };
             let lv_before = q(&["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", &vgl])?;
             let free = q(&["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg])?.unwrap_or(0);
-            if free > 0 || (r.dry_run() && part_changed) {
+            // A dry run plans it always: the PV has not grown yet.
+            if free > 0 || r.dry_run() {
                 r.run_ok("lvextend", &["-l", "+100%FREE", &vgl]).map_err(|e| anyhow!("{e}"))?;
                 failpoint::hit("extend.after_lvextend");
             }

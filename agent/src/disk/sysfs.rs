@@ -143,6 +143,22 @@ impl Sys {
         v
     }
 
+    /// Devices this one is built on (device-mapper, md): `slaves/`.
+    pub fn slaves(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.class_dir(name).join("slaves"))
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// A device-mapper device's name and uuid (`dm/name`, `dm/uuid`; the
+    /// uuid is empty when none was set).
+    pub fn dm(&self, name: &str) -> Result<(String, String)> {
+        let d = self.class_dir(name).join("dm");
+        Ok((read_trim(&d.join("name"))?, read_trim(&d.join("uuid")).unwrap_or_default()))
+    }
+
     /// Serial number where the kernel knows one (virtio `serial`, SCSI
     /// `device/serial`).
     pub fn serial(&self, disk: &str) -> Option<String> {
@@ -271,6 +287,22 @@ pub mod fake {
         fs::write(d.join("ro"), "0\n").unwrap();
         fs::write(d.join("uevent"), format!("DEVNAME={name}\nDEVTYPE=partition\n")).unwrap();
         link(root, name, &format!("../../devices/virtual/block/{disk}/{name}"), devnum);
+    }
+
+    /// A device-mapper device `dm-N` named `dm_name` with `uuid`, built on
+    /// `slaves` (which list it as a holder), as the kernel shows one.
+    pub fn dm(root: &Path, name: &str, devnum: &str, dm_name: &str, uuid: &str, slaves: &[&str]) {
+        disk(root, name, devnum, 1 << 20, 512);
+        let d = root.join("sys/devices/virtual/block").join(name);
+        fs::create_dir_all(d.join("dm")).unwrap();
+        fs::create_dir_all(d.join("slaves")).unwrap();
+        fs::write(d.join("dm/name"), format!("{dm_name}\n")).unwrap();
+        fs::write(d.join("dm/uuid"), format!("{uuid}\n")).unwrap();
+        for s in slaves {
+            let sd = root.join("sys/class/block").join(s);
+            std::os::unix::fs::symlink(&sd, d.join("slaves").join(s)).unwrap();
+            std::os::unix::fs::symlink(&d, sd.join("holders").join(name)).unwrap();
+        }
     }
 
     fn link(root: &Path, name: &str, target: &str, devnum: &str) {

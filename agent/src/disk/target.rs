@@ -1,6 +1,9 @@
 //! Which block device a job means. ExtendPartition accepts a mount point, a
 //! partition path, a disk path plus a partition number, a Xen VBD number or
 //! a virtio serial; every form ends up as a [`Block`] found through sysfs.
+//! A mount point on a linear LVM logical volume ends up as the volume's one
+//! physical volume plus `vg/lv` ([`lvm_under`]: device-mapper's `dm/name`,
+//! `dm/uuid` and `slaves/`); other device-mapper devices are refused.
 //!
 //! To add a form: add a variant to [`Target`], accept it in
 //! [`Target::from_params`], and resolve it to a disk in [`resolve_target`].
@@ -136,31 +139,94 @@ pub fn disk_and_number(sys: &Sys, t: &Target) -> Result<Option<(Block, u32)>> {
     Ok((!disk.is_partition()).then_some((disk, n)))
 }
 
-/// Resolve a target to the block device whose filesystem is to grow.
-pub fn resolve_target(sys: &Sys, mounts: &[Mount], t: &Target) -> Result<Block> {
-    match t {
+/// Resolve a target to the block device to grow and, for a mount point on
+/// an LVM logical volume, that volume as `vg/lv` (the device is then its
+/// physical volume).
+pub fn resolve_target(sys: &Sys, mounts: &[Mount], t: &Target) -> Result<(Block, Option<String>)> {
+    let b = match t {
         Target::MountPoint(mp) => {
             let m = device_at_mount_point(mounts, mp).ok_or_else(|| anyhow!("nothing is mounted at {mp}"))?;
             let name = sys.name_for_devnum(m.devnum)?;
             if name.starts_with("dm-") {
-                bail!(
-                    "{mp} is on device-mapper device {name} ({}); give the partition under it as \"device\" \
-                     and the volume as \"logical_volume\"",
-                    m.source
-                );
+                let (b, lv) = lvm_under(sys, mp, &name)?;
+                return Ok((b, Some(lv)));
             }
-            sys.block(&name)
+            sys.block(&name)?
         }
         Target::Device(p, n) => {
             let b = sys.resolve_path(p, Duration::from_secs(2))?;
-            pick_partition(sys, b, *n)
+            pick_partition(sys, b, *n)?
         }
-        Target::Serial(s, n) => pick_partition(sys, disk_by_serial(sys, s)?, *n),
+        Target::Serial(s, n) => pick_partition(sys, disk_by_serial(sys, s)?, *n)?,
         Target::XenVbd(v, n) => {
             let p = crate::xen::vbd::resolve_vbd(*v)?;
             let b = sys.resolve_path(Path::new(&p), Duration::from_secs(2))?;
-            pick_partition(sys, b, *n)
+            pick_partition(sys, b, *n)?
         }
+    };
+    Ok((b, None))
+}
+
+/// Mount point `mp` is on device-mapper device `dm`: when that is a plain
+/// LVM logical volume on one device, that device (its physical volume: a
+/// partition, or a whole disk) and `vg/lv`. Refused, naming what it is:
+/// dm-crypt, multipath and other non-LVM mappings, LVM's hidden layers,
+/// thin volumes, snapshots and their origins, an LV on another
+/// device-mapper device, an LV on several devices.
+fn lvm_under(sys: &Sys, mp: &str, dm: &str) -> Result<(Block, String)> {
+    let (name, uuid) = sys.dm(dm)?;
+    let at = format!("{mp} is on device-mapper device {dm} ({name})");
+    let no = "; growing it by mount point is not supported, nothing was changed";
+    let kind = |u: &str| match u.split('-').next() {
+        Some("CRYPT") => "a dm-crypt (LUKS) mapping",
+        Some("mpath") => "a multipath device",
+        _ => "not an LVM logical volume",
+    };
+    let Some(vl) = uuid.strip_prefix("LVM-") else { bail!("{at}, {}{no}", kind(&uuid)) };
+    let Some((vg, lv)) = split_dm_name(&name).filter(|_| !vl.contains('-')) else {
+        bail!("{at}, not a plain logical volume (an LVM internal layer){no}")
+    };
+    let sl = sys.slaves(dm);
+    if let Some(s) = sl.iter().find(|s| s.starts_with("dm-")) {
+        let (n, u) = sys.dm(s)?;
+        let what = if u.ends_with("pool") {
+            "a thin volume"
+        } else if u.ends_with("-real") || u.ends_with("-cow") {
+            "a snapshot or the origin of one"
+        } else if u.starts_with("LVM-") {
+            "a logical volume of a type other than linear"
+        } else {
+            kind(&u)
+        };
+        bail!("{at}: {vg}/{lv} is built on {s} ({n}), {what}{no}")
+    }
+    match sl.as_slice() {
+        [pv] => Ok((sys.block(pv)?, format!("{vg}/{lv}"))),
+        _ => bail!(
+            "{at}: logical volume {vg}/{lv} spans {} devices ({}); by mount point only an LV on one physical volume \
+             grows (give the partition as \"device\" and the volume as \"logical_volume\"); nothing was changed",
+            sl.len(),
+            sl.join(", ")
+        ),
+    }
+}
+
+/// Split a device-mapper name `VG-LV` (a `-` inside either name is
+/// doubled) into the two names; None for anything else (LVM's hidden
+/// layers add a third part: `vg-lv-real`).
+pub fn split_dm_name(n: &str) -> Option<(String, String)> {
+    let mut parts = vec![String::new()];
+    let mut it = n.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '-' || it.next_if_eq(&'-').is_some() {
+            parts.last_mut()?.push(c);
+        } else {
+            parts.push(String::new());
+        }
+    }
+    match <[String; 2]>::try_from(parts) {
+        Ok([vg, lv]) if !vg.is_empty() && !lv.is_empty() => Some((vg, lv)),
+        _ => None,
     }
 }
 
@@ -217,6 +283,93 @@ mod tests {
         assert!(pick_partition(&s, s.block("vdb1").unwrap(), Some(1)).is_err());
         assert_eq!(disk_by_serial(&s, "DATA1").unwrap().name, "vdc");
         assert!(disk_by_serial(&s, "NOPE").is_err());
+    }
+
+    /// A fake tree of LVM layouts: `/` on vmvg/root (PV vda1), `/w` on a
+    /// whole-disk PV, and the device-mapper devices that must be refused.
+    fn lvm_tree() -> (tempfile::TempDir, Sys, Vec<Mount>) {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        let lvm = |s: &str| format!("LVM-{}{s}", "x".repeat(64));
+        for (i, d) in ["vda", "vdb", "vdc", "vdd", "vde", "vdf", "vdg"].iter().enumerate() {
+            fake::disk(r, d, &format!("253:{}", i * 16), 1 << 21, 512);
+            fake::part(r, d, &format!("{d}1"), &format!("253:{}", i * 16 + 1), 1, 2048, 1 << 20);
+        }
+        fake::dm(r, "dm-0", "254:0", "vmvg-root", &lvm(""), &["vda1"]);
+        fake::dm(r, "dm-1", "254:1", "my--vg-lv--data", &lvm(""), &["vdb"]);
+        fake::dm(r, "dm-2", "254:2", "bigvg-lv", &lvm(""), &["vdc1", "vdd1"]);
+        fake::dm(r, "dm-3", "254:3", "luks-1", "CRYPT-LUKS2-0123-luks-1", &["vde1"]);
+        fake::dm(r, "dm-4", "254:4", "mpatha", "mpath-3600", &["vdf"]);
+        fake::dm(r, "dm-5", "254:5", "tvg-pool-tpool", &lvm("-tpool"), &["vdf1"]);
+        fake::dm(r, "dm-6", "254:6", "tvg-thin", &lvm(""), &["dm-5"]);
+        fake::dm(r, "dm-7", "254:7", "svg-lv-real", &lvm("-real"), &["vdg1"]);
+        fake::dm(r, "dm-8", "254:8", "svg-snap-cow", &lvm("-cow"), &["vdg1"]);
+        fake::dm(r, "dm-9", "254:9", "svg-snap", &lvm(""), &["dm-7", "dm-8"]);
+        fake::dm(r, "dm-10", "254:10", "svg-lv", &lvm(""), &["dm-7"]);
+        fake::dm(r, "dm-11", "254:11", "cvg-lv", &lvm(""), &["dm-3"]);
+        fake::dm(r, "dm-12", "254:12", "vmvg-root-x", &lvm(""), &["vda1"]);
+        let mps = ["/", "/w", "/span", "/crypt", "/mpath", "/tpool", "/thin", "/real", "/cow", "/snap", "/origin"];
+        let mut ms: Vec<Mount> = mps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Mount {
+                devnum: (254, i as u64),
+                mount_point: p.to_string(),
+                fstype: "xfs".into(),
+                source: format!("/dev/dm-{i}"),
+            })
+            .collect();
+        ms.push(Mount { devnum: (254, 11), mount_point: "/oncrypt".into(), fstype: "ext4".into(), source: "x".into() });
+        ms.push(Mount { devnum: (254, 12), mount_point: "/odd".into(), fstype: "ext4".into(), source: "x".into() });
+        ms.push(Mount { devnum: (253, 17), mount_point: "/plain".into(), fstype: "ext4".into(), source: "x".into() });
+        let s = Sys::new(r.join("sys"), r.join("dev"));
+        (t, s, ms)
+    }
+
+    #[test]
+    fn a_mount_point_on_a_linear_lv_resolves_to_its_pv_and_the_lv() {
+        let (_t, s, ms) = lvm_tree();
+        let got = |mp: &str| {
+            let (b, lv) = resolve_target(&s, &ms, &Target::MountPoint(mp.into())).unwrap();
+            (b.name, lv)
+        };
+        assert_eq!(got("/"), ("vda1".into(), Some("vmvg/root".into())));
+        // '-' inside a name is doubled in the dm name; a whole-disk PV is the disk.
+        assert_eq!(got("/w"), ("vdb".into(), Some("my-vg/lv-data".into())));
+        assert_eq!(got("/plain"), ("vdb1".into(), None));
+    }
+
+    #[test]
+    fn a_mount_point_on_other_device_mapper_devices_is_refused_naming_why() {
+        let (_t, s, ms) = lvm_tree();
+        let err = |mp: &str| resolve_target(&s, &ms, &Target::MountPoint(mp.into())).unwrap_err().to_string();
+        for (mp, want) in [
+            ("/span", "spans 2 devices (vdc1, vdd1)"),
+            ("/crypt", "dm-crypt"),
+            ("/mpath", "multipath"),
+            ("/tpool", "not a plain logical volume"),
+            ("/thin", "thin"),
+            ("/real", "not a plain logical volume"),
+            ("/cow", "not a plain logical volume"),
+            ("/snap", "snapshot"),
+            ("/origin", "snapshot"),
+            ("/oncrypt", "dm-3 (luks-1)"),
+            ("/odd", "vmvg-root-x"),
+        ] {
+            let e = err(mp);
+            assert!(e.contains(want), "{mp}: {e}");
+            assert!(e.contains(mp) && e.contains("nothing was changed"), "{mp}: {e}");
+        }
+    }
+
+    #[test]
+    fn dm_names_split_into_vg_and_lv() {
+        assert_eq!(split_dm_name("vmvg-root"), Some(("vmvg".into(), "root".into())));
+        assert_eq!(split_dm_name("a--b-c--d--e"), Some(("a-b".into(), "c-d-e".into())));
+        assert_eq!(split_dm_name("vg-lv-real"), None);
+        assert_eq!(split_dm_name("vg"), None);
+        assert_eq!(split_dm_name("-lv"), None);
+        assert_eq!(split_dm_name("vg-"), None);
     }
 
     #[test]
