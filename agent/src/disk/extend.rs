@@ -203,7 +203,11 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
         }
     }
     let mp = mount_of(&mounts, &part);
-    d.insert("mount_point".into(), json!(mp));
+    let shown = match target {
+        Target::MountPoint(m) if auto_lv.is_some() => Some(m.clone()),
+        _ => mp.clone(),
+    };
+    d.insert("mount_point".into(), json!(shown));
 
     let mut notes: Vec<String> = Vec::new();
     let mut part_changed = false;
