@@ -153,13 +153,8 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             )))
         }
     }
-    // A mount point on an LV names it; an explicit one must agree.
-    let lv_name = match (&p.logical_volume, &auto_lv) {
-        (Some(a), Some(b)) if a != b => {
-            return Ok(JobResult::refused(format!("the mount point is on logical volume {b}, not {a}")))
-        }
-        (a, b) => a.clone().or(b.clone()),
-    };
+    // A mount point on an LV names it; an explicit logical_volume wins.
+    let lv_name = p.logical_volume.clone().or(auto_lv.clone());
     let lv = match &lv_name {
         None => None,
         Some(_) if fstype != "LVM2_member" => {
@@ -168,46 +163,34 @@ fn extend(ctx: &JobContext, p: &Params, target: &Target, d: &mut Map<String, Val
             )))
         }
         Some(lv) => match valid_lv(lv) {
-            Some(x) => {
-                d.insert("logical_volume".into(), json!(lv));
-                Some(x)
-            }
+            Some(x) => Some(x),
             None => return Ok(JobResult::refused(format!("logical_volume {lv:?} is not of the form vg/lv"))),
         },
     };
     if let Some((vg, l)) = lv {
-        let o = r.probe("pvs", &["--noheadings", "-o", "vg_name", &part_node]).map_err(|e| anyhow!("{e}"))?;
-        let pv_vg = o.stdout.trim().to_string();
+        // The PV's VG, and how many PVs that VG has: by mount point only a
+        // VG on this one PV (lvextend would also take the others' space).
+        let o = r.probe("pvs", &["--noheadings", "-o", "pv_count,vg_name", &part_node]).map_err(|e| anyhow!("{e}"))?;
+        let mut f = o.stdout.split_whitespace();
+        let (n, pv_vg) = (f.next(), f.next().unwrap_or("none"));
         if pv_vg != vg {
             return Ok(JobResult::refused(format!(
-                "logical volume {vg}/{l} is not in the volume group of {part_node} ({})",
-                if pv_vg.is_empty() { "none" } else { &pv_vg }
+                "logical volume {vg}/{l} is not in the volume group of {part_node} ({pv_vg})"
+            )));
+        }
+        if auto_lv.is_some() && n != Some("1") {
+            return Ok(JobResult::refused(format!(
+                "volume group {vg} has other physical volumes than {part_node}: give the partition as \"device\" \
+                 and the volume as \"logical_volume\"; nothing was changed"
             )));
         }
         let o = r.probe("lvs", &["--noheadings", "-o", "lv_name", &format!("{vg}/{l}")]).map_err(|e| anyhow!("{e}"))?;
         if o.code != 0 {
             return Ok(JobResult::refused(format!("no logical volume {vg}/{l}: {}", o.stderr.trim())));
         }
-        // By mount point, only a volume group on this one PV: lvextend
-        // would otherwise also take the free space of the others.
-        if auto_lv.is_some() {
-            let o = r.probe("vgs", &["--noheadings", "-o", "pv_count", vg]).map_err(|e| anyhow!("{e}"))?;
-            let n = o.stdout.trim();
-            if n != "1" {
-                return Ok(JobResult::refused(format!(
-                    "volume group {vg} has {n:?} physical volumes, not only {part_node}: by mount point only a \
-                     volume group on one physical volume grows (give the partition as \"device\" and the volume \
-                     as \"logical_volume\"); nothing was changed"
-                )));
-            }
-        }
     }
     let mp = mount_of(&mounts, &part);
-    let shown = match target {
-        Target::MountPoint(m) if auto_lv.is_some() => Some(m.clone()),
-        _ => mp.clone(),
-    };
-    d.insert("mount_point".into(), json!(shown));
+    d.insert("mount_point".into(), json!(mp));
 
     let mut notes: Vec<String> = Vec::new();
     let mut part_changed = false;

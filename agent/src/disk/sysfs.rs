@@ -136,27 +136,28 @@ impl Sys {
 
     /// Devices holding this one (device-mapper, md): `holders/`.
     pub fn holders(&self, name: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.class_dir(name).join("holders"))
-            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
+        self.ls(name, "holders")
     }
 
     /// Devices this one is built on (device-mapper, md): `slaves/`.
     pub fn slaves(&self, name: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.class_dir(name).join("slaves"))
+        self.ls(name, "slaves")
+    }
+
+    fn ls(&self, name: &str, sub: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.class_dir(name).join(sub))
             .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
             .unwrap_or_default();
         v.sort();
         v
     }
 
-    /// A device-mapper device's name and uuid (`dm/name`, `dm/uuid`; the
-    /// uuid is empty when none was set).
-    pub fn dm(&self, name: &str) -> Result<(String, String)> {
+    /// A device-mapper device's name and uuid (`dm/name`, `dm/uuid`; empty
+    /// when unreadable or not set).
+    pub fn dm(&self, name: &str) -> (String, String) {
         let d = self.class_dir(name).join("dm");
-        Ok((read_trim(&d.join("name"))?, read_trim(&d.join("uuid")).unwrap_or_default()))
+        let r = |f| read_trim(&d.join(f)).unwrap_or_default();
+        (r("name"), r("uuid"))
     }
 
     /// Serial number where the kernel knows one (virtio `serial`, SCSI

@@ -171,63 +171,37 @@ pub fn resolve_target(sys: &Sys, mounts: &[Mount], t: &Target) -> Result<(Block,
 /// LVM logical volume on one device, that device (its physical volume: a
 /// partition, or a whole disk) and `vg/lv`. Refused, naming what it is:
 /// dm-crypt, multipath and other non-LVM mappings, LVM's hidden layers,
-/// thin volumes, snapshots and their origins, an LV on another
-/// device-mapper device, an LV on several devices.
+/// an LV on another device-mapper device (thin volumes, snapshots and their
+/// origins, RAID, cache, LVM on LUKS), an LV on several devices.
 fn lvm_under(sys: &Sys, mp: &str, dm: &str) -> Result<(Block, String)> {
-    let (name, uuid) = sys.dm(dm)?;
-    let at = format!("{mp} is on device-mapper device {dm} ({name})");
-    let no = "; growing it by mount point is not supported, nothing was changed";
-    let kind = |u: &str| match u.split('-').next() {
-        Some("CRYPT") => "a dm-crypt (LUKS) mapping",
-        Some("mpath") => "a multipath device",
-        _ => "not an LVM logical volume",
-    };
-    let Some(vl) = uuid.strip_prefix("LVM-") else { bail!("{at}, {}{no}", kind(&uuid)) };
-    let Some((vg, lv)) = split_dm_name(&name).filter(|_| !vl.contains('-')) else {
-        bail!("{at}, not a plain logical volume (an LVM internal layer){no}")
-    };
+    let (name, uuid) = sys.dm(dm);
     let sl = sys.slaves(dm);
-    if let Some(s) = sl.iter().find(|s| s.starts_with("dm-")) {
-        let (n, u) = sys.dm(s)?;
-        let what = if u.ends_with("pool") {
-            "a thin volume"
-        } else if u.ends_with("-real") || u.ends_with("-cow") {
-            "a snapshot or the origin of one"
-        } else if u.starts_with("LVM-") {
-            "a logical volume of a type other than linear"
-        } else {
-            kind(&u)
-        };
-        bail!("{at}: {vg}/{lv} is built on {s} ({n}), {what}{no}")
-    }
-    match sl.as_slice() {
-        [pv] => Ok((sys.block(pv)?, format!("{vg}/{lv}"))),
-        _ => bail!(
-            "{at}: logical volume {vg}/{lv} spans {} devices ({}); by mount point only an LV on one physical volume \
-             grows (give the partition as \"device\" and the volume as \"logical_volume\"); nothing was changed",
-            sl.len(),
-            sl.join(", ")
-        ),
-    }
+    let plain = uuid.strip_prefix("LVM-").is_some_and(|v| !v.contains('-'));
+    let why = match split_dm_name(&name).filter(|_| plain) {
+        _ if uuid.starts_with("CRYPT-") => "a dm-crypt (LUKS) mapping",
+        _ if uuid.starts_with("mpath-") => "a multipath device",
+        None => "not a plain LVM logical volume",
+        Some(_) if sl.iter().any(|s| s.starts_with("dm-")) => {
+            "an LVM volume on another device-mapper device (a thin volume, a snapshot or its origin, RAID, cache, \
+             or LVM on LUKS)"
+        }
+        Some(_) if sl.len() != 1 => "a logical volume on several devices",
+        Some(vl) => return Ok((sys.block(&sl[0])?, vl)),
+    };
+    bail!(
+        "{mp} is on {dm} ({name}, built on {sl:?}): {why}; growing it by mount point is not supported, nothing was \
+         changed"
+    )
 }
 
-/// Split a device-mapper name `VG-LV` (a `-` inside either name is
-/// doubled) into the two names; None for anything else (LVM's hidden
+/// A device-mapper name `VG-LV` (a `-` inside either name is doubled) as
+/// `vg/lv`; None for anything else (LVM's hidden
 /// layers add a third part: `vg-lv-real`).
-pub fn split_dm_name(n: &str) -> Option<(String, String)> {
-    let mut parts = vec![String::new()];
-    let mut it = n.chars().peekable();
-    while let Some(c) = it.next() {
-        if c != '-' || it.next_if_eq(&'-').is_some() {
-            parts.last_mut()?.push(c);
-        } else {
-            parts.push(String::new());
-        }
-    }
-    match <[String; 2]>::try_from(parts) {
-        Ok([vg, lv]) if !vg.is_empty() && !lv.is_empty() => Some((vg, lv)),
-        _ => None,
-    }
+pub fn split_dm_name(n: &str) -> Option<String> {
+    let t = n.replace("--", "\u{1}");
+    let (vg, lv) = t.split_once('-')?;
+    let ok = |x: &str| !x.is_empty() && !x.contains('-');
+    (ok(vg) && ok(lv)).then(|| format!("{vg}/{lv}").replace('\u{1}', "-"))
 }
 
 #[cfg(test)]
@@ -344,17 +318,17 @@ mod tests {
         let (_t, s, ms) = lvm_tree();
         let err = |mp: &str| resolve_target(&s, &ms, &Target::MountPoint(mp.into())).unwrap_err().to_string();
         for (mp, want) in [
-            ("/span", "spans 2 devices (vdc1, vdd1)"),
+            ("/span", r#"built on ["vdc1", "vdd1"]): a logical volume on several"#),
             ("/crypt", "dm-crypt"),
             ("/mpath", "multipath"),
-            ("/tpool", "not a plain logical volume"),
+            ("/tpool", "not a plain"),
             ("/thin", "thin"),
-            ("/real", "not a plain logical volume"),
-            ("/cow", "not a plain logical volume"),
+            ("/real", "not a plain"),
+            ("/cow", "not a plain"),
             ("/snap", "snapshot"),
             ("/origin", "snapshot"),
-            ("/oncrypt", "dm-3 (luks-1)"),
-            ("/odd", "vmvg-root-x"),
+            ("/oncrypt", r#"built on ["dm-3"]): an LVM volume on another"#),
+            ("/odd", r#"(vmvg-root-x, built on ["vda1"]): not a plain"#),
         ] {
             let e = err(mp);
             assert!(e.contains(want), "{mp}: {e}");
@@ -364,8 +338,8 @@ mod tests {
 
     #[test]
     fn dm_names_split_into_vg_and_lv() {
-        assert_eq!(split_dm_name("vmvg-root"), Some(("vmvg".into(), "root".into())));
-        assert_eq!(split_dm_name("a--b-c--d--e"), Some(("a-b".into(), "c-d-e".into())));
+        assert_eq!(split_dm_name("vmvg-root").as_deref(), Some("vmvg/root"));
+        assert_eq!(split_dm_name("a--b-c--d--e").as_deref(), Some("a-b/c-d-e"));
         assert_eq!(split_dm_name("vg-lv-real"), None);
         assert_eq!(split_dm_name("vg"), None);
         assert_eq!(split_dm_name("-lv"), None);
