@@ -104,6 +104,8 @@ pub const CI_SCENARIOS: &[&str] = &[
     "upgrade",
     "remove",
     "takeover-1.0.3",
+    // Green on every image (docs/vm-tests.md, "inject-offline on every image").
+    "inject-offline",
 ];
 
 /// `vm-test` arguments for `cargo xtask test`.
