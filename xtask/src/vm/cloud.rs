@@ -17,7 +17,7 @@
 //!   our package installed from the FILES disk by the catalogue entry's
 //!   `install` command (its exit code and output kept in /var/lib/vmtest/
 //!   for the `install` scenario to judge).
-use super::image::{Built, CloudSource, Image, Init, GUEST_SHELL};
+use super::image::{Built, CloudSource, Image, Init, GUEST_SHELL, SHELL_UNIT};
 use super::Env;
 use crate::catalogue::Package;
 use crate::cloudimg::{nocloud_seed, user_data, SeedFile};
@@ -87,21 +87,6 @@ pub fn installed_version(p: Package) -> &'static str {
         Package::Apk => "apk info -e -v xcp-vm-agent | sed 's/^xcp-vm-agent-//; s/-r[0-9]*$//'",
     }
 }
-
-/// The test shell's unit (systemd): the same one the built images carry.
-const SHELL_UNIT: &str = "\
-[Unit]
-Description=VM matrix test shell (virtio serial vmtest.ctl)
-DefaultDependencies=no
-After=systemd-udevd.service
-
-[Service]
-ExecStart=/usr/local/sbin/vmtest-shell
-Restart=always
-
-[Install]
-WantedBy=multi-user.target
-";
 
 /// The NoCloud seed of one chain, in `dir`: `install` says whether this
 /// chain's first boot installs our package (the chain with the `install`

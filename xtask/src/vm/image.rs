@@ -317,7 +317,8 @@ while :; do
 done
 "#;
 
-const SHELL_UNIT: &str = "\
+/// The test shell's unit (systemd); the cloud kind installs the same one.
+pub const SHELL_UNIT: &str = "\
 [Unit]
 Description=VM matrix test shell (virtio serial vmtest.ctl)
 DefaultDependencies=no

@@ -287,18 +287,7 @@ impl<'a> Ctx<'a> {
         let body = json!({"vm_uuid": self.uuid, "operation": operation, "params": params});
         self.log(&format!("job {body}"));
         let id = self.admin("POST", "/admin/v1/jobs", Some(&body))?["id"].as_str().unwrap_or("").to_string();
-        loop {
-            let j = self.admin("GET", &format!("/admin/v1/jobs/{id}?wait=5"), None)?;
-            let st = j["status"].as_str().unwrap_or("?").to_string();
-            if !matches!(st.as_str(), "queued" | "delivered" | "running") {
-                self.log(&format!("job {id} ended: {}", serde_json::to_string_pretty(&j).unwrap_or_default()));
-                return Ok(j);
-            }
-            if let Some(vm) = self.vm.as_mut() {
-                vm.check_running()?;
-            }
-            ensure!(left(self.deadline) > Duration::ZERO, "job {operation} {id} still {st} at the deadline");
-        }
+        wait_final(self, &id).with_context(|| format!("job {operation}"))
     }
 
     /// [`Ctx::job`] that must end `succeeded`.
