@@ -320,7 +320,13 @@ fn delivery_results_and_restart() {
         let id3 = id3.clone();
         move || admin.wait_job(&id3, "final", 30)
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // The server logs the wait under its store lock before it blocks: once
+    // the line is there, the result below can only reach the waiter by
+    // waking it (no sleep that passes whether or not it was woken).
+    let waiting = format!("for job {id3} to reach a final state (now queued)");
+    let blocked = wait_for(Duration::from_secs(20), || s.log_text().contains(&waiting).then_some(()));
+    assert!(blocked.is_some(), "the waiter never blocked");
+    assert!(!waiter.is_finished(), "the waiter returned before the job was final");
     checkin(&mut c, VM, 0);
     report(&mut c, VM, vec![result(&id3, "no_change")]);
     assert_eq!(waiter.join().unwrap()["status"], "no_change");

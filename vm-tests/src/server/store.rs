@@ -300,12 +300,24 @@ impl Store {
     pub fn wait_job(&self, id: &str, until: JobState, timeout: Duration) -> Option<JobRecord> {
         let deadline = Instant::now() + timeout;
         let mut g = self.lock();
+        let mut first = true;
         loop {
             let j = g.jobs.get(id)?;
             let reached = if until.is_final() { j.status.is_final() } else { j.status >= until };
             let left = deadline.saturating_duration_since(Instant::now());
             if reached || left.is_zero() {
                 return Some(j.clone());
+            }
+            if first {
+                // Logged under the lock, before the first wait: a test that
+                // sees this line knows a change from now on wakes this waiter.
+                super::log(format!(
+                    "admin: waiting up to {} s for job {id} to reach {} (now {})",
+                    left.as_secs_f64().round(),
+                    if until.is_final() { "a final state" } else { until.as_str() },
+                    j.status.as_str()
+                ));
+                first = false;
             }
             g = self.changed.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
         }
