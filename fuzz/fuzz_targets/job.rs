@@ -2,7 +2,7 @@
 //! does), then the typed parameters of the disk operations.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use xcp_vm_agent::jobs::Job;
+use xcp_vm_agent::protocol::Job;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };

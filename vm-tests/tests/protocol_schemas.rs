@@ -2,8 +2,8 @@
 //! produce, and docs/protocol.md names every schema.
 use serde_json::{json, Value};
 use vm_tests::schema::{schemas_dir, Checker};
-use xcp_vm_agent::jobs::{Job, JobResult, Status};
 use xcp_vm_agent::protocol::{CheckIn, CheckInResponse, ErrorBody, ResultsAck, ResultsReport, PROTOCOL_VERSION};
+use xcp_vm_agent::protocol::{Job, JobResult, Status};
 
 fn checker() -> Checker {
     Checker::new(&schemas_dir())

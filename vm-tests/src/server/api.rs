@@ -4,7 +4,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
-use xcp_vm_agent::jobs::JobResult;
+use xcp_vm_agent::protocol::JobResult;
 use xcp_vm_agent::protocol::{CheckIn, CheckInResponse, ResultsAck, CHECKIN_PATH, RESULTS_PATH};
 
 use super::http::{Request, Response};

@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use xcp_vm_agent::jobs::{Job, JobResult, Status};
 use xcp_vm_agent::protocol::CheckIn;
+use xcp_vm_agent::protocol::{Job, JobResult, Status};
 
 use super::util::{now_ms, safe_file_stem, uuid_v4, write_json};
 
