@@ -18,6 +18,7 @@ pub mod guest;
 #[cfg(not(feature = "guest"))]
 #[path = "guest/stub.rs"]
 pub mod guest;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod jobs;

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::daemon::Shared;
+use crate::health::Shared;
 
 /// Longest request line read.
 pub const MAX_LINE: u64 = 8 * 1024;
