@@ -502,6 +502,9 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     }
     d.insert("filesystem_uuid".into(), json!(fs_uuid));
     drop(_lock);
+    if !r.dry_run() {
+        udev_reprobe(r, &part_node, &fs_uuid);
+    }
 
     // Under systemd the mount unit creates a missing mount point, in the
     // host's namespace; the service's own sandbox may see `/` read-only
@@ -574,6 +577,23 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
         ctx.fstab_path.display(),
         steps.join(", ")
     )))
+}
+
+/// udev leaves a disk alone while someone holds its lock, as this job did
+/// from the table to mkfs: systemd < 250 (Debian 11's 247, RHEL 8's 239)
+/// drops those events, so the new filesystem's `/dev/disk/by-uuid` link
+/// never appears and the `UUID=` mount unit fails after 90 s "Timed out
+/// waiting for device" (found by the VM matrix on debian-11). Now that the
+/// lock is released, ask udev to probe the partition again and give it a
+/// moment to make the link (only where a udev daemon runs).
+fn udev_reprobe(r: &crate::runner::Runner, part_node: &str, uuid: &str) {
+    if r.run("udevadm", &["trigger", "--action=change", part_node], &[0]).is_err() {
+        return;
+    }
+    if Path::new("/run/udev/control").exists() {
+        let link = format!("/dev/disk/by-uuid/{uuid}");
+        wait_until(Duration::from_secs(30), || Path::new(&link).exists());
+    }
 }
 
 #[cfg(test)]

@@ -257,6 +257,19 @@ impl Agent {
     }
 
     pub fn exec_with(&self, op: &str, params: Value, dry_run: bool, failpoint: Option<&str>) -> Outcome {
+        self.exec_full(op, params, dry_run, failpoint, None)
+    }
+
+    /// [`Agent::exec_with`], with `path_first` put first on the agent's PATH
+    /// (stand-ins for tools the host lacks).
+    pub fn exec_full(
+        &self,
+        op: &str,
+        params: Value,
+        dry_run: bool,
+        failpoint: Option<&str>,
+        path_first: Option<&Path>,
+    ) -> Outcome {
         let job = self.dir.path().join("job.json");
         let j = serde_json::json!({"id": format!("t-{op}"), "operation": op, "params": params});
         std::fs::write(&job, j.to_string()).unwrap();
@@ -266,6 +279,12 @@ impl Agent {
             c.arg("--dry-run");
         }
         c.env_remove("XCP_AGENT_FAILPOINT");
+        if let Some(dir) = path_first {
+            let mut p = std::ffi::OsString::from(dir);
+            p.push(":");
+            p.push(std::env::var_os("PATH").unwrap_or_default());
+            c.env("PATH", p);
+        }
         if let Some(fp) = failpoint {
             c.env("XCP_AGENT_FAILPOINT", fp);
         }
