@@ -345,7 +345,18 @@ pub fn check(scenarios: &[&str]) -> Result<()> {
         }
     }
     ensure!(probs.is_empty(), "{}: {} problem(s):\n  {}", p.display(), probs.len(), probs.join("\n  "));
-    eprintln!("    {} entries, all valid", entries.len());
+    // Scenario list applicable: the package and init commands of every
+    // scenario an entry does not skip exist for its format and init, and
+    // are POSIX sh (dash, BusyBox ash, shellcheck): crate::vm::pkg.
+    let mut seen = std::collections::HashMap::new();
+    let probs: Vec<String> =
+        entries.iter().flat_map(|e| crate::vm::pkg::applicability(e, scenarios, &mut seen)).collect();
+    ensure!(probs.is_empty(), "{}: scenarios not applicable:\n  {}", p.display(), probs.join("\n  "));
+    eprintln!(
+        "    {} entries, all valid; every scenario applicable ({} distinct package/init commands are POSIX sh)",
+        entries.len(),
+        seen.len()
+    );
     Ok(())
 }
 

@@ -23,6 +23,9 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("rpm", "rpm"),
     ("mmdebstrap", "mmdebstrap"),
     ("shellcheck", "shellcheck"),
+    // The VM matrix's guest commands must parse in BusyBox ash (Alpine):
+    // `busybox sh -n` in vm::pkg's checks.
+    ("busybox", "busybox"),
     ("systemd-analyze", "systemd"),
     ("fakeroot", "fakeroot"),
     // Signed repositories (cargo xtask repo and its checks): rpm-md metadata

@@ -70,24 +70,6 @@ pub fn build(img: &Image, source: CloudSource, entry: &str) -> Result<Built> {
     })
 }
 
-/// Our package of the image's format on the FILES disk.
-pub fn package_file(env: &Env, p: Package) -> String {
-    match p {
-        Package::Deb => env.deb_name.clone(),
-        Package::Rpm => crate::pkgmeta::rpm_name(&env.version),
-        Package::Apk => crate::pkgmeta::apk_name(&env.version),
-    }
-}
-
-/// Guest shell: the installed version of our package, by the package format.
-pub fn installed_version(p: Package) -> &'static str {
-    match p {
-        Package::Deb => "dpkg-query -W -f '${Version}' xcp-vm-agent",
-        Package::Rpm => "rpm -q --qf '%{VERSION}' xcp-vm-agent",
-        Package::Apk => "apk info -e -v xcp-vm-agent | sed 's/^xcp-vm-agent-//; s/-r[0-9]*$//'",
-    }
-}
-
 /// The NoCloud seed of one chain, in `dir`: `install` says whether this
 /// chain's first boot installs our package (the chain with the `install`
 /// scenario) or only sets up the test shell (e.g. takeover-1.0.3, which
@@ -136,7 +118,11 @@ pub fn seed(img: &Image, cloud: &CloudBuilt, env: &Env, dir: &Path, chain: &str,
     } else {
         String::new()
     };
-    let pkg = package_file(env, cloud.package);
+    // Our package of the image's format on the FILES disk.
+    let pkg = match cloud.package {
+        Package::Deb => env.deb_name.clone(),
+        p => super::pkg::file(p, &env.version),
+    };
     let ud = user_data(
         &files,
         &format!("{} {}\n", super::qemu::GUEST_FWD_ADDR, super::SERVER_NAME),

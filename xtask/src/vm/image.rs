@@ -75,8 +75,27 @@ impl Init {
     pub fn service_restart(self) -> &'static str {
         match self {
             Init::Systemd => "systemctl restart xcp-vm-agent",
-            Init::Sysvinit | Init::Openrc => "service xcp-vm-agent restart",
+            Init::Sysvinit => "service xcp-vm-agent restart",
+            // Debian's OpenRC images have `service` (init-system-helpers);
+            // Alpine has OpenRC's own rc-service only.
+            Init::Openrc => {
+                "if command -v service >/dev/null; then service xcp-vm-agent restart; \
+                 else rc-service xcp-vm-agent restart; fi"
+            }
         }
+    }
+    #[cfg(test)]
+    /// Every guest command of this init system, named (checked as POSIX sh
+    /// by the tests and by `vm-test --check-catalogue`).
+    pub fn commands(self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("service_running", self.service_running()),
+            ("service_enabled", self.service_enabled()),
+            ("service_gone", self.service_gone()),
+            ("service_pid", self.service_pid()),
+            ("service_restart", self.service_restart()),
+            ("boot_finished", self.boot_finished()),
+        ]
     }
     /// Guest shell: wait until the boot finished (exit 0) or failed.
     pub fn boot_finished(self) -> &'static str {
@@ -299,16 +318,19 @@ fn base_tarball(img: &Image) -> Result<PathBuf> {
 /// The guest's test shell: runs what the host sends on the virtio serial
 /// port `vmtest.ctl` (one line: ID and a base64 script) with bash, outside
 /// any service sandbox, and answers `R ID RC BASE64-OUTPUT`. No SSH needed.
-pub const GUEST_SHELL: &str = r#"#!/bin/bash
+pub const GUEST_SHELL: &str = r#"#!/bin/sh
 # vmtest-shell: the VM matrix's remote shell over a virtio serial port.
+# POSIX sh: runs, and runs every command, under dash or BusyBox ash (no bash
+# in the guest). `command exec`: a failed redirection of the special
+# built-in `exec` would end a POSIX shell.
 port=/dev/virtio-ports/vmtest.ctl
 echo "VMTEST SHELL-STARTED" > /dev/console 2>/dev/null || true
 while :; do
     if [ ! -e "$port" ]; then sleep 1; continue; fi
-    exec 3<>"$port" || { sleep 1; continue; }
+    command exec 3<>"$port" || { sleep 1; continue; }
     while IFS=' ' read -r id b64 <&3; do
         [ -n "$id" ] || continue
-        out=$(printf '%s' "$b64" | base64 -d > /run/vmtest-cmd.sh && bash /run/vmtest-cmd.sh < /dev/null 3>&- 2>&1)
+        out=$(printf '%s' "$b64" | base64 -d > /run/vmtest-cmd.sh && sh /run/vmtest-cmd.sh < /dev/null 3>&- 2>&1)
         rc=$?
         printf 'R %s %s %s\n' "$id" "$rc" "$(printf '%s' "$out" | base64 -w0)" >&3
     done

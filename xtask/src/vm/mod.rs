@@ -14,6 +14,7 @@
 //! provisioned by cloud-init ([`cloud`]); the scenarios are the same.
 pub mod cloud;
 pub mod image;
+pub mod pkg;
 pub mod qemu;
 pub mod report;
 pub mod scenario;
@@ -270,7 +271,7 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
     let pki = run_dir.join("pki");
     util::run(Command::new(&server_bin).arg("init-pki").arg(&pki).args(["--san", SERVER_NAME]).stdout(Stdio::null()))?;
     let mut server = start_server(&server_bin, &pki, &run_dir)?;
-    let files_disk = files_disk(&run_dir, &pki, &deb, &next_deb)?;
+    let files_disk = files_disk(&run_dir, &pki, (&deb, &version), (&next_deb, &next_version))?;
     let slow_factor = std::env::var("XCP_VM_SLOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1u32).max(1);
     let env = Arc::new(Env {
         accel: o.accel.clone(),
@@ -517,15 +518,23 @@ fn start_server(bin: &Path, pki: &Path, dir: &Path) -> Result<(std::process::Chi
 
 /// A small read-only ext4 disk (serial FILES) with the packages, the test
 /// PKI and the agent config the guests use.
-fn files_disk(dir: &Path, pki: &Path, deb: &Path, next: &Path) -> Result<PathBuf> {
+fn files_disk(
+    dir: &Path,
+    pki: &Path,
+    (deb, version): (&Path, &str),
+    (next, next_version): (&Path, &str),
+) -> Result<PathBuf> {
     let f = dir.join("files");
     std::fs::create_dir_all(f.join("pki"))?;
     std::fs::copy(deb, f.join(deb.file_name().unwrap()))?;
     std::fs::copy(next, f.join(next.file_name().unwrap()))?;
-    // The .rpm and .apk of the same build, for catalogue images that install
-    // those (`cargo xtask dist` writes them next to the .deb).
-    if let (Some(d), Ok(v)) = (deb.parent(), crate::pkgmeta::workspace_version()) {
-        for n in [crate::pkgmeta::rpm_name(&v), crate::pkgmeta::apk_name(&v)] {
+    // The .rpm and .apk of both builds, for catalogue images that install
+    // those (`cargo xtask dist` writes them next to the .deb; the scenarios
+    // upgrade to N+1 and back with the image's own format: pkg.rs).
+    for (p, v) in [(deb, version), (next, next_version)] {
+        let Some(d) = p.parent() else { continue };
+        for fmt in [crate::catalogue::Package::Rpm, crate::catalogue::Package::Apk] {
+            let n = pkg::file(fmt, v);
             if d.join(&n).exists() {
                 std::fs::copy(d.join(&n), f.join(&n))?;
             }

@@ -10,8 +10,10 @@
 //! `c.job(..)` queues a job for the agent and waits for its end,
 //! `c.reboot(..)` powers off and boots again, `c.resize(..)` grows a disk.
 use super::image::{Built, Image, Init, Layout};
+use super::pkg;
 use super::qemu::{self, left, Disk, Vm};
 use super::Env;
+use crate::catalogue::Package;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -387,6 +389,27 @@ fn by_id(serial: &str) -> String {
     format!("/dev/disk/by-id/virtio-{serial}")
 }
 
+/// The image's package format (the images built here are Debian: deb).
+fn package(c: &Ctx) -> Package {
+    c.built.cloud.as_ref().map_or(Package::Deb, |cl| cl.package)
+}
+
+/// Our package file on the FILES disk in the image's format: of this build,
+/// or of the newer build N+1 (`next`).
+fn package_file(c: &Ctx, next: bool) -> String {
+    match (package(c), next) {
+        (Package::Deb, false) => c.env.deb_name.clone(),
+        (Package::Deb, true) => c.env.next_deb_name.clone(),
+        (p, false) => pkg::file(p, &c.env.version),
+        (p, true) => pkg::file(p, &c.env.next_version),
+    }
+}
+
+/// The installed version of our package; fails unless cleanly installed.
+fn installed_version(c: &mut Ctx) -> Result<String> {
+    Ok(c.sh_ok(&pkg::installed_version(package(c)))?.trim().to_string())
+}
+
 // ---------------------------------------------------------------- scenarios
 
 fn install(c: &mut Ctx) -> Result<String> {
@@ -394,9 +417,10 @@ fn install(c: &mut Ctx) -> Result<String> {
         return install_by_cloud_init(c);
     }
     let init = c.img.init;
-    c.set_step("dpkg -i the .deb");
-    let deb = c.env.deb_name.clone();
-    let out = c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{deb} 2>&1"))?;
+    let p = package(c);
+    let file = package_file(c, false);
+    c.set_step(&format!("install {file}"));
+    let out = c.sh_ok(&pkg::install(p, &file))?;
     c.set_step("service enabled and running under the init system");
     c.sh_ok(init.service_enabled()).context("the package did not enable the service")?;
     c.sh_until(init.service_running()).context("the package did not start the service")?;
@@ -419,8 +443,7 @@ fn install(c: &mut Ctx) -> Result<String> {
     c.sh_until(init.service_running())?;
     let pid = c.sh_ok(init.service_pid())?;
     ensure!(!pid.trim().is_empty(), "no xcp-vm-agent process after the restart");
-    let setting_up = out.lines().find(|l| l.starts_with("Setting up")).unwrap_or("").trim().to_string();
-    Ok(format!("{setting_up}; enabled and running under {} (pid {})", init.name(), pid.trim()))
+    Ok(format!("{}; enabled and running under {} (pid {})", pkg::summary(p, &out), init.name(), pid.trim()))
 }
 
 /// On a cloud image `install` is what cloud-init did at the first boot:
@@ -443,8 +466,8 @@ fn install_by_cloud_init(c: &mut Ctx) -> Result<String> {
         c.sh_ok(&format!("cat {}", super::cloud::INSTALL_RC)).context("cloud-init did not run the install command")?;
     ensure!(rc.trim() == "0", "the install command exited {}: {}", rc.trim(), last_lines(&log, 15));
     c.set_step("our package of this build is installed");
-    let v = c.sh_ok(super::cloud::installed_version(cloud.package))?;
-    ensure!(v.trim() == c.env.version, "installed version {:?} is not {}", v.trim(), c.env.version);
+    let v = installed_version(c)?;
+    ensure!(v == c.env.version, "installed version {v:?} is not {}", c.env.version);
     c.set_step("service enabled and running under the init system");
     c.sh_ok(init.service_enabled()).context("the package did not enable the service")?;
     c.sh_until(init.service_running()).context("the package did not start the service")?;
@@ -456,7 +479,7 @@ fn install_by_cloud_init(c: &mut Ctx) -> Result<String> {
     )?;
     let pid = c.sh_ok(init.service_pid())?;
     ensure!(!pid.trim().is_empty(), "no xcp-vm-agent process");
-    let setting_up = log.lines().find(|l| l.starts_with("Setting up xcp-vm-agent")).unwrap_or("").trim().to_string();
+    let setting_up = pkg::summary(cloud.package, &log);
     Ok(format!(
         "cloud-init: `{}` exited 0 ({setting_up}); config and certificates from user-data; enabled and running under {} (pid {})",
         cloud.install,
@@ -777,26 +800,28 @@ fn restart_during_job(c: &mut Ctx) -> Result<String> {
     Ok(format!("agent pid {} -> {}; script ran on, exit 0 reported once", pid.trim(), pid2.trim()))
 }
 
-/// issue 10: a RunScript upgrades the agent's own package (`dpkg -i` of N+1
-/// from the FILES disk, as `apt-get install` would): dpkg restarts the agent
-/// under the running job, the job ends with dpkg's status clean and its
-/// result arrives; the next check-in reports N+1. N is then installed back
-/// (a downgrade from the test shell), so `upgrade` after it still upgrades.
+/// issue 10: a RunScript upgrades the agent's own package (N+1 from the
+/// FILES disk with the image's package tool: dpkg -i, rpm -U, apk add):
+/// the package restarts the agent under the running job, the job ends with
+/// the package cleanly installed and its result arrives; the next check-in
+/// reports N+1. N is then installed back (a downgrade from the test shell),
+/// so `upgrade` after it still upgrades.
 fn upgrade_from_script(c: &mut Ctx) -> Result<String> {
     let init = c.img.init;
-    let (next, deb) = (c.env.next_deb_name.clone(), c.env.deb_name.clone());
+    let p = package(c);
+    let (next, cur) = (package_file(c, true), package_file(c, false));
     let pid = c.sh_ok(init.service_pid())?;
-    c.set_step("RunScript: dpkg -i the newer build");
+    c.set_step(&format!("RunScript: install the newer build {next}"));
     let t = now_ms();
-    let script = format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{next} </dev/null 2>&1; echo dpkg-exit=$?");
+    let script = format!("{}; echo install-exit=$?", pkg::install(p, &next));
     let id = queue(c, "RunScript", json!({"script": script, "timeout_seconds": 900}))?;
     let j = wait_final(c, &id)?;
     let out = j["result"]["details"]["stdout"].as_str().unwrap_or("").to_string();
     ensure!(j["status"] == "succeeded", "RunScript ended {}: {}; stdout {out}", j["status"], j["result"]["message"]);
-    ensure!(out.contains("dpkg-exit=0"), "dpkg failed: {}", last_lines(&out, 15));
+    ensure!(out.contains("install-exit=0"), "the install failed: {}", last_lines(&out, 15));
     reported_once(&j)?;
-    let st = c.sh_ok("dpkg-query -W -f '${db:Status-Abbrev}${Version}' xcp-vm-agent")?;
-    ensure!(st.trim() == format!("ii {}", c.env.next_version), "dpkg status {st:?}, not ii {}", c.env.next_version);
+    let v = installed_version(c)?;
+    ensure!(v == c.env.next_version, "installed {v:?}, not {}", c.env.next_version);
     c.sh_until(init.service_running())?;
     let pid2 = c.sh_ok(init.service_pid())?;
     ensure!(pid2.trim() != pid.trim(), "the service was not restarted (pid {})", pid.trim());
@@ -811,12 +836,12 @@ fn upgrade_from_script(c: &mut Ctx) -> Result<String> {
     };
     ensure!(a["agent_version"] == c.env.next_version.as_str(), "the check-in reports {}", a["agent_version"]);
     c.set_step("back to N for the upgrade scenario");
-    c.sh_ok(&format!("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/files/{deb} </dev/null 2>&1"))?;
-    let v = c.sh_ok("dpkg-query -W -f '${Version}' xcp-vm-agent")?;
-    ensure!(v.trim() == c.env.version, "installed version {} is not {}", v.trim(), c.env.version);
+    c.sh_ok(&pkg::downgrade(p, &cur))?;
+    let v = installed_version(c)?;
+    ensure!(v == c.env.version, "installed version {v} is not {}", c.env.version);
     c.sh_until(init.service_running())?;
     Ok(format!(
-        "{} -> {} from a RunScript: result once, dpkg ii, check-in reports it",
+        "{} -> {} from a RunScript: result once, cleanly installed ({p:?}), check-in reports it",
         c.env.version, c.env.next_version
     ))
 }
@@ -827,12 +852,12 @@ fn upgrade(c: &mut Ctx) -> Result<String> {
     c.sh_ok("sed -i 's/\"check_in_interval\": *5/\"check_in_interval\": 4/' /etc/xcp-vm-agent/config.json && grep -q '\"check_in_interval\": 4' /etc/xcp-vm-agent/config.json")?;
     let sum = c.sh_ok("sha256sum /etc/xcp-vm-agent/config.json")?;
     let pid = c.sh_ok(init.service_pid())?;
-    c.set_step("dpkg -i the newer build");
+    let next = package_file(c, true);
+    c.set_step(&format!("install the newer build {next}"));
     let t = now_ms();
-    let next = c.env.next_deb_name.clone();
-    c.sh_ok(&format!("dpkg -i /mnt/files/{next} </dev/null 2>&1"))?;
-    let v = c.sh_ok("dpkg-query -W -f '${Version}' xcp-vm-agent")?;
-    ensure!(v.trim() == c.env.next_version, "installed version {} is not {}", v.trim(), c.env.next_version);
+    c.sh_ok(&pkg::install(package(c), &next))?;
+    let v = installed_version(c)?;
+    ensure!(v == c.env.next_version, "installed version {v} is not {}", c.env.next_version);
     ensure!(c.sh_ok("sha256sum /etc/xcp-vm-agent/config.json")? == sum, "the edited config changed");
     c.sh_until(init.service_running())?;
     let pid2 = c.sh_ok(init.service_pid())?;
@@ -856,15 +881,16 @@ fn upgrade(c: &mut Ctx) -> Result<String> {
 }
 
 fn remove(c: &mut Ctx) -> Result<String> {
-    c.set_step("dpkg --purge");
-    c.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg --purge xcp-vm-agent 2>&1")?;
+    let p = package(c);
+    let purge = pkg::purge(p);
+    c.set_step(&purge);
+    c.sh_ok(&purge)?;
     c.set_step("service gone, nothing of ours running");
     c.sh_ok(c.img.init.service_gone()).context("the init system still knows the service")?;
     c.sh_ok("! pidof xcp-vm-agent").context("an xcp-vm-agent process is still running")?;
     c.sh_ok("[ ! -e /usr/bin/xcp-vm-agent ]")?;
-    let st = c.sh("dpkg-query -W -f '${Status}' xcp-vm-agent")?.1;
-    ensure!(!st.contains("installed") || st.contains("not-installed"), "dpkg still lists the package: {st}");
-    Ok("purged; service unknown to the init system; no process".into())
+    c.sh_ok(&pkg::not_installed(p)).context("the package manager still lists the package")?;
+    Ok(format!("removed ({p:?}); service unknown to the init system; no process"))
 }
 
 /// The Python agent 1.0.3 stand-in (vm-tests/fixtures/python-agent-1.0.3)
@@ -900,15 +926,20 @@ fn takeover_103(c: &mut Ctx) -> Result<String> {
     }
     let sums = "sha256sum /etc/xcp-vm-agent/config.json /etc/xcp-vm-agent/*.pem";
     let before = c.sh_ok(sums)?;
-    c.set_step("dpkg -i ours over it");
+    let (p, file) = (package(c), package_file(c, false));
+    c.set_step(&format!("install ours over it: {file}"));
     let t = now_ms();
-    let deb = c.env.deb_name.clone();
-    // Plain `dpkg -i` with no terminal, as fleets install (config.json is
-    // no conffile of ours: no prompt).
-    c.sh_ok(&format!("dpkg -i /mnt/files/{deb} </dev/null 2>&1"))?;
+    // The package tool with no terminal, as fleets install (config.json is
+    // no conffile of the .deb: no prompt).
+    c.sh_ok(&pkg::install(p, &file))?;
     c.sh_until(init.service_running()).context("ours does not run after the install")?;
     c.sh_until(&format!("! {old_running}")).context("the 1.0.3 stand-in still runs after the install")?;
     ensure!(c.sh_ok(sums)? == before, "the config or certificates changed");
+    if let Some(f) = pkg::new_config_beside(p) {
+        // rpm %config(noreplace) / apk's protected /etc: 1.0.3's config
+        // stays, the packaged default lands beside it.
+        c.sh_ok(&format!("[ -f {f} ]")).with_context(|| format!("no {f} beside the kept 1.0.3 config"))?;
+    }
     c.set_step("the 1.0.3 layout moved aside, its log kept");
     c.sh_ok(
         "set -e; b=/var/backups/xcp-vm-agent-1.0.3; [ ! -e /opt/xcp-vm-agent ]; [ -f $b/opt-xcp-vm-agent/agent.py ]; \
