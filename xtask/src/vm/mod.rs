@@ -286,17 +286,20 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
         run_dir: run_dir.clone(),
     });
 
-    step(&format!("vm: {} image(s) x {} scenario(s), {} at a time", imgs.len(), scens.len(), o.jobs.max(1)));
-    let queue = Arc::new(Mutex::new(imgs.clone()));
-    let results: Arc<Mutex<Vec<report::ImageResult>>> = Arc::new(Mutex::new(Vec::new()));
+    step(&format!(
+        "vm: {} image(s) x {} scenario(s), {} VM(s) at a time (one per chain of an image)",
+        imgs.len(),
+        scens.len(),
+        o.jobs.max(1)
+    ));
+    let sched = Arc::new(Sched::new(&imgs, &scens));
     let mut workers = Vec::new();
     for _ in 0..o.jobs.max(1) {
-        let (queue, results, env, scens) = (queue.clone(), results.clone(), env.clone(), scens.clone());
-        workers.push(std::thread::spawn(move || loop {
-            let next = queue.lock().unwrap().pop_front_compat();
-            let Some(img) = next else { break };
-            let r = run_image(img, &env, &scens);
-            results.lock().unwrap().push(r);
+        let (sched, env, scens) = (sched.clone(), env.clone(), scens.clone());
+        workers.push(std::thread::spawn(move || {
+            while let Some((i, chain)) = sched.next() {
+                run_unit(&sched, i, chain, &env, &scens);
+            }
         }));
     }
     for w in workers {
@@ -304,8 +307,7 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
     }
     let _ = server.0.kill();
     let _ = server.0.wait();
-    let mut results = std::mem::take(&mut *results.lock().unwrap());
-    results.sort_by_key(|r| imgs.iter().position(|i| i.name == r.image.name));
+    let results = sched.results(&scens);
     let total = t0.elapsed().as_secs_f64();
     let out = report::write(&results, &scens, total)?;
     if !o.keep && results.iter().all(|r| r.rows.iter().all(|x| x.status == "pass")) {
@@ -330,88 +332,194 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
     Ok(())
 }
 
-trait PopFront<T> {
-    fn pop_front_compat(&mut self) -> Option<T>;
+/// The work of a run: one unit per chain of each image (a chain is one
+/// VM at a time on its own overlay), so `--jobs` VMs stay busy until the
+/// end instead of one image's long tail running alone (give the images
+/// slowest first: `--image` order, as `CI_IMAGES` does). An image is built
+/// once, by the first unit that needs it (the others wait for it, and a
+/// free worker prefers a unit whose image is not being built); its report
+/// row gathers the rows of all its chains.
+struct Sched {
+    imgs: Vec<&'static image::Image>,
+    queue: Mutex<Vec<(usize, &'static str)>>,
+    /// Per image: the build (once), and what its chains gave so far.
+    builds: Vec<Mutex<Option<std::result::Result<Arc<image::Built>, String>>>>,
+    results: Vec<Mutex<report::ImageResult>>,
+    chains_left: Vec<Mutex<usize>>,
 }
 
-impl<T> PopFront<T> for Vec<T> {
-    fn pop_front_compat(&mut self) -> Option<T> {
-        (!self.is_empty()).then(|| self.remove(0))
+impl Sched {
+    fn new(imgs: &[&'static image::Image], scens: &[&'static scenario::Scenario]) -> Sched {
+        let mut chains: Vec<&'static str> = Vec::new();
+        for s in scens {
+            if !chains.contains(&s.chain) {
+                chains.push(s.chain);
+            }
+        }
+        // Longest first: every image's main chain (most of an image's
+        // time, and its image build), then the short chains, which fill
+        // the end of the run while the last main chains finish.
+        let mut queue = Vec::new();
+        for c in &chains {
+            queue.extend((0..imgs.len()).map(|i| (i, *c)));
+        }
+        Sched {
+            imgs: imgs.to_vec(),
+            queue: Mutex::new(queue),
+            builds: imgs.iter().map(|_| Mutex::new(None)).collect(),
+            results: imgs
+                .iter()
+                .map(|img| {
+                    Mutex::new(report::ImageResult {
+                        image: img,
+                        versions: vec![],
+                        build_seconds: 0.0,
+                        seconds: 0.0,
+                        rows: vec![],
+                    })
+                })
+                .collect(),
+            chains_left: imgs.iter().map(|_| Mutex::new(chains.len())).collect(),
+        }
+    }
+
+    /// The next unit: the first whose image is not being built right now
+    /// (else the first).
+    fn next(&self) -> Option<(usize, &'static str)> {
+        let mut q = self.queue.lock().unwrap();
+        if q.is_empty() {
+            return None;
+        }
+        let pick = q.iter().position(|(i, _)| self.builds[*i].try_lock().is_ok()).unwrap_or(0);
+        Some(q.remove(pick))
+    }
+
+    /// The rows of every image, each in scenario table order.
+    fn results(&self, scens: &[&'static scenario::Scenario]) -> Vec<report::ImageResult> {
+        self.results
+            .iter()
+            .map(|m| {
+                let mut r = std::mem::replace(
+                    &mut *m.lock().unwrap(),
+                    report::ImageResult {
+                        image: self.imgs[0],
+                        versions: vec![],
+                        build_seconds: 0.0,
+                        seconds: 0.0,
+                        rows: vec![],
+                    },
+                );
+                r.rows.sort_by_key(|row| scens.iter().position(|s| s.name == row.scenario));
+                r
+            })
+            .collect()
     }
 }
 
-/// Build the image, run its chains; rows for every selected scenario.
-fn run_image(img: &'static image::Image, env: &Env, scens: &[&'static scenario::Scenario]) -> report::ImageResult {
+/// One chain of one image: build the image if no unit did yet, run the
+/// chain's scenarios on a fresh overlay, print one line per scenario.
+/// An image's `seconds` is its build plus the time of each of its chains
+/// (what it costs the run, whichever worker ran it).
+fn run_unit(sched: &Sched, i: usize, chain: &'static str, env: &Env, scens: &[&'static scenario::Scenario]) {
+    let img = sched.imgs[i];
     let t = Instant::now();
-    let mut res = report::ImageResult { image: img, versions: vec![], build_seconds: 0.0, seconds: 0.0, rows: vec![] };
-    let built = match image::build(img) {
-        Ok(b) => b,
-        Err(e) => {
-            let msg = format!("image build failed: {e:#}");
-            eprintln!("    vm: {:<20} image build FAILED: {e:#}", img.name);
-            for s in scens {
-                res.rows.push(Row::new(img, s.name, false, 0.0, &msg, "image build", None, String::new()));
+    let built = {
+        let mut b = sched.builds[i].lock().unwrap();
+        if b.is_none() {
+            let r = image::build(img).map(Arc::new).map_err(|e| format!("{e:#}"));
+            let secs = t.elapsed().as_secs_f64();
+            let mut res = sched.results[i].lock().unwrap();
+            res.build_seconds = secs;
+            res.seconds += secs;
+            match &r {
+                Ok(b) => {
+                    res.versions = b.versions.clone();
+                    eprintln!("    vm: {:<20} image ready in {secs:.0} s", img.name);
+                }
+                Err(e) => eprintln!("    vm: {:<20} image build FAILED: {e}", img.name),
             }
-            return res;
+            *b = Some(r);
+        }
+        b.clone().unwrap()
+    };
+    let t = Instant::now();
+    let rows = match built {
+        Ok(b) => run_chain(img, &b, env, chain, scens),
+        Err(e) => {
+            let msg = format!("image build failed: {e}");
+            scens
+                .iter()
+                .filter(|s| s.chain == chain)
+                .map(|s| Row::new(img, s.name, false, 0.0, &msg, "image build", None, String::new()))
+                .collect()
         }
     };
-    res.build_seconds = t.elapsed().as_secs_f64();
-    res.versions = built.versions.clone();
-    eprintln!("    vm: {:<20} image ready in {:.0} s", img.name, res.build_seconds);
-    let mut passed: Vec<&str> = Vec::new();
-    let mut chains: Vec<&str> = Vec::new();
-    for s in scens {
-        if !chains.contains(&s.chain) {
-            chains.push(s.chain);
-        }
+    let mut res = sched.results[i].lock().unwrap();
+    res.seconds += t.elapsed().as_secs_f64();
+    res.rows.extend(rows);
+    let mut left = sched.chains_left[i].lock().unwrap();
+    *left -= 1;
+    if *left == 0 {
+        eprintln!(
+            "    vm: {:<20} done: {:.0} s of VM time (image {:.0} s): {}/{} green",
+            img.name,
+            res.seconds,
+            res.build_seconds,
+            res.rows.iter().filter(|r| r.status == "pass").count(),
+            res.rows.len()
+        );
     }
-    for chain in chains {
-        let dir = env.run_dir.join(img.name).join(chain);
-        let mut ctx = match scenario::Ctx::new(img, &built, env, dir, chain) {
-            Ok(c) => c,
-            Err(e) => {
-                for s in scens.iter().filter(|s| s.chain == chain) {
-                    let m = format!("cannot set up the chain: {e:#}");
-                    res.rows.push(Row::new(img, s.name, false, 0.0, &m, "setup", None, String::new()));
-                }
-                continue;
+}
+
+/// The scenarios of one chain on a fresh overlay of the image; a row each.
+/// A scenario's `needs` are scenarios of the same chain (unit test
+/// `needs_are_earlier_in_the_same_chain`).
+fn run_chain(
+    img: &'static image::Image,
+    built: &image::Built,
+    env: &Env,
+    chain: &'static str,
+    scens: &[&'static scenario::Scenario],
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let dir = env.run_dir.join(img.name).join(chain);
+    let mut ctx = match scenario::Ctx::new(img, built, env, dir, chain) {
+        Ok(c) => c,
+        Err(e) => {
+            for s in scens.iter().filter(|s| s.chain == chain) {
+                let m = format!("cannot set up the chain: {e:#}");
+                rows.push(Row::new(img, s.name, false, 0.0, &m, "setup", None, String::new()));
             }
+            return rows;
+        }
+    };
+    let mut passed: Vec<&str> = Vec::new();
+    for s in scens.iter().filter(|s| s.chain == chain) {
+        let missing: Vec<&str> = s.needs.iter().filter(|n| !passed.contains(n)).copied().collect();
+        let row = if !missing.is_empty() {
+            let m = format!("not run: it builds on {} which did not pass", missing.join(", "));
+            Row::new(img, s.name, false, 0.0, &m, "needs", None, String::new())
+        } else {
+            let out = ctx.run(s);
+            if out.pass {
+                passed.push(s.name);
+            }
+            Row::new(img, s.name, out.pass, out.seconds, &out.message, &out.step, out.console, out.console_tail)
         };
-        for s in scens.iter().filter(|s| s.chain == chain) {
-            let missing: Vec<&str> = s.needs.iter().filter(|n| !passed.contains(n)).copied().collect();
-            let row = if !missing.is_empty() {
-                let m = format!("not run: it builds on {} which did not pass", missing.join(", "));
-                Row::new(img, s.name, false, 0.0, &m, "needs", None, String::new())
-            } else {
-                let out = ctx.run(s);
-                if out.pass {
-                    passed.push(s.name);
-                }
-                Row::new(img, s.name, out.pass, out.seconds, &out.message, &out.step, out.console, out.console_tail)
-            };
-            eprintln!(
-                "    vm: {:<20} {:<24} {} {:>5.0} s  {}",
-                img.name,
-                s.name,
-                if row.status == "pass" { "pass" } else { "FAIL" },
-                row.seconds,
-                one_line(&row.message, 110)
-            );
-            res.rows.push(row);
-        }
-        if let Some(mut vm) = ctx.vm.take() {
-            vm.kill();
-        }
+        eprintln!(
+            "    vm: {:<20} {:<24} {} {:>5.0} s  {}",
+            img.name,
+            s.name,
+            if row.status == "pass" { "pass" } else { "FAIL" },
+            row.seconds,
+            one_line(&row.message, 110)
+        );
+        rows.push(row);
     }
-    res.seconds = t.elapsed().as_secs_f64();
-    eprintln!(
-        "    vm: {:<20} done in {:.0} s: {}/{} green",
-        img.name,
-        res.seconds,
-        res.rows.iter().filter(|r| r.status == "pass").count(),
-        res.rows.len()
-    );
-    res
+    if let Some(mut vm) = ctx.vm.take() {
+        vm.kill();
+    }
+    rows
 }
 
 fn one_line(s: &str, n: usize) -> String {
@@ -547,7 +655,11 @@ fn files_disk(
         "server_url": format!("https://{SERVER_NAME}:{}", qemu::GUEST_FWD_PORT),
         "server_cert": "/etc/xcp-vm-agent/pki/ca.pem",
         "client_cert": ["/etc/xcp-vm-agent/pki/agent-cert.pem", "/etc/xcp-vm-agent/pki/agent-key.pem"],
-        "check_in_interval": 5,
+        // Check in every 2 s, and the server holds a check-in at most 5 s
+        // (a queued job answers it at once): a scenario waiting for "the
+        // next check-in" waits seconds, not the default 55 s hold.
+        "check_in_interval": 2,
+        "long_poll_seconds": 5,
         "log_level": "debug",
     });
     std::fs::write(f.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
