@@ -19,7 +19,18 @@ pub const LICENSE: &str = "GPL-2.0-only";
 pub const DEB_DEPENDS: &str = "cloud-guest-utils, parted | gdisk, e2fsprogs, xfsprogs, util-linux (>= 2.29)";
 pub const RPM_REQUIRES: &[&str] =
     &["(cloud-utils-growpart or growpart)", "(parted or gdisk)", "e2fsprogs", "xfsprogs", "util-linux"];
-pub const APK_DEPENDS: &[&str] = &["cloud-utils-growpart", "parted", "sgdisk", "e2fsprogs", "xfsprogs", "util-linux"];
+/// Alpine splits e2fsprogs and xfsprogs: `resize2fs` (ExtendPartition of an
+/// ext4) is in `e2fsprogs-extra`, `xfs_growfs` in `xfsprogs-extra`.
+pub const APK_DEPENDS: &[&str] = &[
+    "cloud-utils-growpart",
+    "parted",
+    "sgdisk",
+    "e2fsprogs",
+    "e2fsprogs-extra",
+    "xfsprogs",
+    "xfsprogs-extra",
+    "util-linux",
+];
 
 pub fn workspace_version() -> Result<String> {
     let text = std::fs::read_to_string(root().join("Cargo.toml"))?;
@@ -48,4 +59,30 @@ pub fn apk_name(version: &str) -> String {
 }
 pub fn tarball_name(version: &str) -> String {
     format!("{NAME}-{version}-x86_64.tar.gz")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The tools the agent's disk jobs run, and the Alpine package that
+    /// ships each (not the package named after the project: Alpine keeps
+    /// the growing tools in -extra). Red before e2fsprogs-extra and
+    /// xfsprogs-extra were added: ExtendPartition on Alpine would have
+    /// found no resize2fs or xfs_growfs.
+    #[test]
+    fn the_apk_depends_on_the_alpine_packages_of_the_disk_tools() {
+        for (tool, pkg) in [
+            ("growpart", "cloud-utils-growpart"),
+            ("mkfs.ext4", "e2fsprogs"),
+            ("resize2fs", "e2fsprogs-extra"),
+            ("mkfs.xfs", "xfsprogs"),
+            ("xfs_growfs", "xfsprogs-extra"),
+            ("sgdisk", "sgdisk"),
+            ("parted", "parted"),
+        ] {
+            assert!(
+                super::APK_DEPENDS.contains(&pkg),
+                "{tool} is in Alpine's {pkg}, which the .apk does not depend on"
+            );
+        }
+    }
 }
