@@ -216,6 +216,10 @@ pub fn main() -> i32 {
             return crate::jobs::scope::runner(dir.as_ref(), stem, fstab.as_ref());
         }
     }
+    #[cfg(feature = "guest")]
+    if args.first().map(String::as_str) == Some(crate::guest::freeze::GUARD_ARG) {
+        crate::guest::freeze::guard_exec(&args[1..]);
+    }
     let parsed = match parse(&args) {
         Ok(Parsed::Print(text)) => {
             print!("{text}");

@@ -184,6 +184,10 @@ fn bad_freeze_inputs_are_refused_with_the_disk_untouched() {
         }
     }
     let _u = Umount(tmpfs.clone());
+    // A read-only filesystem: "writable" only (docs/protocol.md); it was
+    // frozen before that check existed.
+    let (_ro_loop, ro) = ext4_loop();
+    sh("mount", &["-o", "remount,ro", ro.to_str().unwrap()]);
     sh("sync", &[]);
     let before = l.sha();
     let a = util::Agent::new();
@@ -201,6 +205,7 @@ fn bad_freeze_inputs_are_refused_with_the_disk_untouched() {
         ("FreezeFilesystems", json!({"mount_points": [mp.join("sub")], "thaw_after_seconds": 5}), "not a mount point"),
         ("FreezeFilesystems", json!({"mount_points": [mp, "/nonexistent"], "thaw_after_seconds": 5}), "not a mount"),
         ("FreezeFilesystems", json!({"mount_points": [run], "thaw_after_seconds": 5}), ""),
+        ("FreezeFilesystems", json!({"mount_points": [ro], "thaw_after_seconds": 5}), "read-only"),
         ("ThawFilesystems", json!({"mount_points": ["/proc"]}), "proc"),
         ("ThawFilesystems", json!({"mount_points": [mp.join("sub")]}), "not a mount point"),
         ("TrimFilesystems", json!({"mount_points": ["/proc"]}), "virtual"),

@@ -10,8 +10,14 @@
 //! other descriptor (the state directory's lock is not kept alive by it),
 //! and is named `xcp-thaw-guard`. So the thaw happens at the deadline
 //! whatever becomes of the agent: SIGKILL, restart, a server that never
-//! answers. Under systemd it lives in the service's cgroup: stopping the
-//! service sends it SIGTERM, which thaws at once (early rather than never).
+//! answers. Under systemd the guard execs `systemd-run --scope` which execs
+//! `xcp-vm-agent __thaw-guard` (same pid, same descriptors): a scope unit of
+//! its own. In the service's cgroup, systemd ended it with the rest of the
+//! cgroup when the SIGKILLed agent was restarted (or the service stopped),
+//! and the filesystem thawed at once instead of at the deadline (found by
+//! the VM matrix's `freeze-deadline`). When `systemd-run` is missing or
+//! fails, the guard is the forked process itself. A guard whose agent is
+//! gone before it froze anything (its pipe has no reader) freezes nothing.
 //!
 //! **The record.** `freeze.json` in the run directory (`/run/xcp-vm-agent`,
 //! a tmpfs; `XCP_AGENT_RUN_DIR` for tests) says what is frozen, until when
@@ -46,6 +52,8 @@ const FITHAW: u64 = 0xC004_5878; // _IOWR('X', 120, int)
 /// Longest freeze a job may ask for.
 pub const MAX_THAW_AFTER: u64 = 600;
 const GUARD_NAME: &str = "xcp-thaw-guard";
+/// The hidden subcommand the guard runs as under systemd (not in `--help`).
+pub const GUARD_ARG: &str = "__thaw-guard";
 
 /// One frozen filesystem in the record.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,6 +187,13 @@ pub fn blocks(path: &Path) -> bool {
     rec.frozen.iter().any(|f| f.dev == md.dev())
 }
 
+fn read_only(mp: &str) -> bool {
+    let c = super::cpath(mp);
+    // SAFETY: a valid path and a zeroed out struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0 }
+}
+
 fn errno_text(e: i32) -> String {
     match e {
         libc::EOPNOTSUPP => "the filesystem does not support freezing".into(),
@@ -226,6 +241,21 @@ pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
         skipped.push(why);
         targets.remove(i);
     }
+    // Read-only: nothing to make consistent (and docs/protocol.md promises
+    // "writable" only). Refused when named, skipped otherwise.
+    let mut i = 0;
+    while i < targets.len() {
+        if !read_only(&targets[i].0.mount_point) {
+            i += 1;
+            continue;
+        }
+        let why = format!("{}: read-only", targets[i].0.mount_point);
+        if named.is_some() {
+            return JobResult::refused(format!("{why}; nothing was done"));
+        }
+        skipped.push(why);
+        targets.remove(i);
+    }
     if targets.is_empty() {
         return JobResult::refused("no local filesystem to freeze").with_details(json!({"skipped": skipped}));
     }
@@ -254,7 +284,8 @@ pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
         }
     }
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let (guard_pid, errs) = match spawn_guard(&raw, thaw_after) {
+    let scoped = spawn_guard(&raw, thaw_after, true).map_err(|e| tracing::warn!("{e:#}; the guard runs forked"));
+    let (guard_pid, errs) = match scoped.or_else(|_| spawn_guard(&raw, thaw_after, false)) {
         Ok(x) => x,
         Err(e) => return JobResult::failed(format!("{e:#}")),
     };
@@ -350,9 +381,54 @@ fn monotonic_now() -> libc::timespec {
     ts
 }
 
-/// Fork the guard (see the module header). Returns its pid and, per fd, 0
-/// (frozen) or the errno of FIFREEZE.
-fn spawn_guard(fds: &[i32], secs: u64) -> Result<(i32, Vec<i32>)> {
+fn max_fd() -> i32 {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    (rl.rlim_cur as i64).clamp(1024, 65536) as i32
+}
+
+/// Under systemd: `systemd-run --scope ... -- AGENT __thaw-guard PIPE NULL
+/// SEC NSEC FD...` (see the module header); `None` elsewhere.
+fn scope_argv(fds: &[i32], pipe_w: i32, nullfd: i32, deadline: &libc::timespec) -> Option<Vec<std::ffi::CString>> {
+    if !Path::new("/run/systemd/system").is_dir() {
+        return None;
+    }
+    let run = ["/usr/bin/systemd-run", "/bin/systemd-run"].into_iter().find(|p| Path::new(p).exists())?;
+    // An upgraded binary reads "... (deleted)": no such file, no scope.
+    let exe = std::fs::read_link("/proc/self/exe").ok().filter(|e| e.exists())?;
+    let mut a: Vec<String> = ["--scope", "--quiet", "--collect"].iter().map(|s| s.to_string()).collect();
+    a.insert(0, run.into());
+    a.push(format!("--unit={GUARD_NAME}-{}-{}", std::process::id(), deadline.tv_nsec));
+    a.extend(["--".into(), exe.to_str()?.into(), GUARD_ARG.into()]);
+    a.extend([pipe_w as i64, nullfd as i64, deadline.tv_sec, deadline.tv_nsec].iter().map(i64::to_string));
+    a.extend(fds.iter().map(i32::to_string));
+    a.into_iter().map(|s| std::ffi::CString::new(s).ok()).collect()
+}
+
+/// `xcp-vm-agent __thaw-guard PIPE NULL SEC NSEC FD...`: the guard after
+/// `systemd-run --scope` (see the module header). Never returns.
+pub fn guard_exec(args: &[String]) -> ! {
+    let int = |i: usize| args.get(i).and_then(|a| a.parse::<i32>().ok()).filter(|&x| x >= 0);
+    let long = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok()).filter(|&x| x >= 0);
+    let fds: Option<Vec<i32>> = (4..args.len()).map(int).collect();
+    match (int(0), int(1), long(2), long(3), fds) {
+        (Some(pipe_w), Some(nullfd), Some(tv_sec), Some(tv_nsec), Some(fds)) if !fds.is_empty() => {
+            let mut keep = fds.clone();
+            keep.extend([pipe_w, nullfd]);
+            let deadline = libc::timespec { tv_sec, tv_nsec };
+            // SAFETY: the descriptors were handed over by the agent for this.
+            unsafe { guard_main(&fds, &keep, max_fd(), nullfd, pipe_w, deadline, b"xcp-thaw-guard\0") }
+        }
+        // SAFETY: leaving at once, nothing to clean up.
+        _ => unsafe { libc::_exit(2) },
+    }
+}
+
+/// Fork the guard (see the module header; `scoped`: through `systemd-run`
+/// when systemd runs). Returns its pid and, per fd, 0 (frozen) or the
+/// errno of FIFREEZE.
+fn spawn_guard(fds: &[i32], secs: u64, scoped: bool) -> Result<(i32, Vec<i32>)> {
     // Everything the child needs is prepared here: after fork it only makes
     // system calls.
     let null = super::cpath("/dev/null");
@@ -371,13 +447,25 @@ fn spawn_guard(fds: &[i32], secs: u64) -> Result<(i32, Vec<i32>)> {
     let mut keep: Vec<i32> = fds.to_vec();
     keep.push(pipe[1]);
     keep.push(nullfd);
-    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out pointer.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
-    let max_fd = (rl.rlim_cur as i64).clamp(1024, 65536) as i32;
+    let max_fd = max_fd();
     let mut deadline = monotonic_now();
     deadline.tv_sec += secs as i64;
     let name = *b"xcp-thaw-guard\0";
+    let argv = if scoped {
+        match scope_argv(fds, pipe[1], nullfd, &deadline) {
+            Some(a) => a,
+            None => {
+                unsafe { libc::close(nullfd) };
+                unsafe { libc::close(pipe[0]) };
+                unsafe { libc::close(pipe[1]) };
+                bail!("no systemd-run to give the thaw guard a scope of its own");
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
 
     // SAFETY: fork in a threaded process; the child below makes only
     // async-signal-safe system calls and leaves with _exit.
@@ -388,6 +476,13 @@ fn spawn_guard(fds: &[i32], secs: u64) -> Result<(i32, Vec<i32>)> {
             let p2 = libc::fork();
             if p2 != 0 {
                 libc::_exit(if p2 < 0 { 1 } else { 0 });
+            }
+            if scoped {
+                for &fd in &keep {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                libc::execv(ptrs[0], ptrs.as_ptr());
+                libc::_exit(127);
             }
             guard_main(fds, &keep, max_fd, nullfd, pipe[1], deadline, &name);
         }
@@ -466,7 +561,10 @@ unsafe fn guard_main(
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         let me = libc::getpid();
-        libc::write(pipe_w, (&me as *const i32).cast(), 4);
+        if libc::write(pipe_w, (&me as *const i32).cast(), 4) != 4 {
+            // Nobody reads: the agent gave up on this guard. Freeze nothing.
+            libc::_exit(1);
+        }
         // At most 64 filesystems are tracked for the thaw (more are reported
         // as not frozen).
         let mut froze = [false; 64];
