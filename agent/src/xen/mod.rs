@@ -1,4 +1,5 @@
-//! Xen integration: the agent's own xenstore client ([`xenstore`]), VM
+//! Xen integration: the agent's own xenstore client ([`xenstore`]; its
+//! wire format, without I/O, in [`xs_wire`]), VM
 //! identity as xenstore reports it plus the cross-check of every identity
 //! source ([`identity`]), guest-tools reporting for XAPI ([`publish`]), disks
 //! addressed by their VBD number ([`vbd`]) and the KVM counterparts
@@ -12,6 +13,7 @@ pub mod kvm;
 pub mod publish;
 pub mod vbd;
 pub mod xenstore;
+pub mod xs_wire;
 
 pub use identity::{cross_check, normalise_uuid, xenstore_identity, XenstoreIdentity};
 pub use kvm::virtio_port;

@@ -13,15 +13,22 @@
 //! - `scripts/`: private (0700) files for RunScript.
 //!
 //! Every file is written to a temporary name, fsynced, renamed and the
-//! directory fsynced, so a crash leaves the old or the new file, never half.
+//! directory fsynced, so a crash leaves the old or the new file, never half
+//! (`durable.rs`). The seen-jobs list is `seen.rs`; this file holds the
+//! lock, the markers, the spool and the recovery of a previous life.
 use anyhow::{bail, Context, Result};
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::jobs::{Job, JobResult, Status};
+
+mod durable;
+mod seen;
+
+pub use durable::write_atomic;
+use durable::{fsync_dir, mkdir_private, remove_durably};
 
 /// How many job ids are remembered for deduplication.
 pub const SEEN_LIMIT: usize = 1000;
@@ -58,49 +65,11 @@ pub fn file_stem(id: &str) -> String {
     }
 }
 
-/// One line of `seen-jobs` for an id: a JSON string.
-fn seen_line(id: &str) -> String {
-    serde_json::to_string(id).unwrap_or_default()
-}
-
-/// An id from one line of `seen-jobs`: a JSON string, or (written by
-/// versions before 1.1) the id itself.
-fn parse_seen_line(line: &str) -> String {
-    if line.starts_with('"') {
-        if let Ok(id) = serde_json::from_str::<String>(line) {
-            return id;
-        }
-    }
-    line.to_string()
-}
-
 /// A result waiting in the spool, and the file that holds it.
 #[derive(Debug, Clone)]
 pub struct Spooled {
     pub path: PathBuf,
     pub result: JobResult,
-}
-
-/// Remove a file if it is there and fsync its directory, so the removal
-/// survives a crash.
-fn remove_durably(p: &Path) -> Result<()> {
-    match fs::remove_file(p) {
-        Ok(()) => fsync_dir(p.parent().unwrap_or(Path::new("."))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
-    }
-}
-
-fn mkdir_private(p: &Path) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(p)
-        .with_context(|| format!("cannot create directory {}", p.display()))
-}
-
-fn fsync_dir(p: &Path) -> Result<()> {
-    File::open(p).and_then(|f| f.sync_all()).with_context(|| format!("cannot fsync directory {}", p.display()))
 }
 
 /// Put a result in the spool of state dir `dir` (durably, cut to
@@ -114,29 +83,6 @@ pub fn finish_in(dir: &Path, result: &JobResult) -> Result<()> {
     remove_durably(&dir.join("running").join(format!("{stem}.json")))?;
     let _ = fs::remove_file(dir.join("running").join(format!("{stem}.lock")));
     Ok(())
-}
-
-/// Write `data` to `path` atomically with mode 0600.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let written = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(data).and_then(|_| f.sync_all()))
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|_| {
-            fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-        });
-    if written.is_err() {
-        // A partial temporary file would hold the space a full disk lacks.
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    fsync_dir(dir)
 }
 
 impl State {
@@ -181,35 +127,6 @@ impl State {
         self.dir.join("scripts")
     }
 
-    fn load_seen(&mut self) -> Result<()> {
-        let p = self.dir.join("seen-jobs");
-        let text = match fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
-        };
-        for line in text.lines().filter(|l| !l.is_empty()) {
-            self.seen_lines_on_disk += 1;
-            self.remember(parse_seen_line(line));
-        }
-        Ok(())
-    }
-
-    fn remember(&mut self, id: String) {
-        if self.seen_set.insert(id.clone()) {
-            self.seen.push_back(id);
-            while self.seen.len() > SEEN_LIMIT {
-                if let Some(old) = self.seen.pop_front() {
-                    self.seen_set.remove(&old);
-                }
-            }
-        }
-    }
-
-    pub fn is_seen(&self, id: &str) -> bool {
-        self.seen_set.contains(id)
-    }
-
     /// Record that a job is starting: remember its id (durably) and write
     /// its running marker. Called before the job does anything.
     pub fn begin(&mut self, job: &Job) -> Result<()> {
@@ -218,36 +135,6 @@ impl State {
         let stem = file_stem(&job.id);
         write_atomic(&self.dir.join("running").join(format!("{stem}.json")), &serde_json::to_vec(job)?)?;
         self.record_seen(&job.id)
-    }
-
-    fn record_seen(&mut self, id: &str) -> Result<()> {
-        if self.is_seen(id) {
-            return Ok(());
-        }
-        // Written first, remembered after: an id whose write failed is
-        // written again the next time.
-        let p = self.dir.join("seen-jobs");
-        if self.seen_lines_on_disk >= 2 * SEEN_LIMIT {
-            // The newest SEEN_LIMIT ids, this one included.
-            let ids = self.seen.iter().map(String::as_str).chain([id]);
-            let text: String =
-                ids.skip((self.seen.len() + 1).saturating_sub(SEEN_LIMIT)).map(|s| seen_line(s) + "\n").collect();
-            write_atomic(&p, text.as_bytes())?;
-            self.seen_lines_on_disk = SEEN_LIMIT.min(self.seen.len() + 1);
-        } else {
-            let mut f = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(&p)
-                .with_context(|| format!("cannot open {}", p.display()))?;
-            writeln!(f, "{}", seen_line(id))
-                .and_then(|_| f.sync_all())
-                .with_context(|| format!("cannot write {}", p.display()))?;
-            self.seen_lines_on_disk += 1;
-        }
-        self.remember(id.to_string());
-        Ok(())
     }
 
     /// A start [`State::begin`] could not record (full disk): drop its
@@ -398,31 +285,8 @@ impl State {
 mod tests {
     use super::*;
 
-    fn job(id: &str) -> Job {
+    pub(super) fn job(id: &str) -> Job {
         Job { id: id.into(), operation: "RunScript".into(), params: serde_json::json!({}) }
-    }
-
-    #[test]
-    fn seen_survives_reopen_and_is_bounded() {
-        // 2100 fsyncs: on tmpfs when there is one (90 s on a busy disk,
-        // which made every mutation-testing run of this module crawl).
-        let shm = std::path::Path::new("/dev/shm");
-        let d = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
-        {
-            let mut s = State::open(d.path()).unwrap();
-            for i in 0..(SEEN_LIMIT + 50) {
-                s.begin(&job(&format!("j{i}"))).unwrap();
-                let mut r = JobResult::succeeded("ok");
-                r.job_id = format!("j{i}");
-                s.finish(&r).unwrap();
-            }
-            assert!(s.is_seen("j1049"));
-            assert!(!s.is_seen("j0"), "oldest ids are forgotten past the limit");
-        }
-        let s = State::open(d.path()).unwrap();
-        assert!(s.is_seen("j1049") && s.is_seen("j50") && !s.is_seen("j49"));
-        let lines = fs::read_to_string(d.path().join("seen-jobs")).unwrap().lines().count();
-        assert!(lines <= 2 * SEEN_LIMIT, "{lines}");
     }
 
     #[test]
@@ -493,26 +357,6 @@ mod tests {
         assert_eq!(ids, vec![a, b]);
     }
 
-    /// Failed before: the newline was stored as a space, so after a restart
-    /// the id was not recognised and the job ran again.
-    #[test]
-    fn an_id_with_a_newline_stays_seen_after_reopen() {
-        let d = tempfile::tempdir().unwrap();
-        let id = "line1\nline2";
-        {
-            let mut s = State::open(d.path()).unwrap();
-            s.begin(&job(id)).unwrap();
-        }
-        let s = State::open(d.path()).unwrap();
-        assert!(s.is_seen(id));
-        assert!(!s.is_seen("line1") && !s.is_seen("line1 line2"));
-        // Lines of the old format still read.
-        fs::write(d.path().join("seen-jobs"), "old-plain-id\n\"quoted\"\n").unwrap();
-        drop(s);
-        let s = State::open(d.path()).unwrap();
-        assert!(s.is_seen("old-plain-id") && s.is_seen("quoted"));
-    }
-
     /// Failed before: a marker left beside a spooled result (a stop between
     /// the spool write and the marker removal) turned the real result into
     /// `interrupted`.
@@ -554,7 +398,7 @@ mod tests {
     }
 
     /// A tmpfs scratch directory when there is one (fsync-heavy tests).
-    fn fast_dir() -> tempfile::TempDir {
+    pub(super) fn fast_dir() -> tempfile::TempDir {
         let shm = std::path::Path::new("/dev/shm");
         if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap()
     }
@@ -572,69 +416,11 @@ mod tests {
     }
 
     #[test]
-    fn removal_and_fsync_errors_are_errors() {
-        let d = tempfile::tempdir().unwrap();
-        // Not there: nothing to do.
-        remove_durably(&d.path().join("missing")).unwrap();
-        // A directory is not a file: a real error, not "already gone".
-        fs::create_dir(d.path().join("dir")).unwrap();
-        assert!(remove_durably(&d.path().join("dir")).is_err());
-        assert!(fsync_dir(&d.path().join("missing")).is_err());
-        fsync_dir(d.path()).unwrap();
-    }
-
-    #[test]
     fn scripts_live_in_the_state_dir() {
         let d = tempfile::tempdir().unwrap();
         let s = State::open(d.path()).unwrap();
         assert_eq!(s.scripts_dir(), d.path().join("scripts"));
         assert_eq!(s.dir(), d.path());
-    }
-
-    #[test]
-    fn an_unreadable_seen_list_is_an_error_not_an_empty_list() {
-        let d = tempfile::tempdir().unwrap();
-        fs::create_dir(d.path().join("seen-jobs")).unwrap();
-        let e = State::open(d.path()).err().expect("a seen-jobs that cannot be read must fail the open");
-        assert!(format!("{e:#}").contains("seen-jobs"), "{e:#}");
-    }
-
-    #[test]
-    fn lines_loaded_from_disk_count_towards_compaction() {
-        // 1050 ids in a first run, 1000 more after a restart: the file must
-        // be compacted (2050 lines otherwise), which needs the lines already
-        // on disk counted at open.
-        let d = fast_dir();
-        let run = |s: &mut State, ids: std::ops::Range<usize>| {
-            for i in ids {
-                s.begin(&job(&format!("j{i}"))).unwrap();
-                let mut r = JobResult::succeeded("ok");
-                r.job_id = format!("j{i}");
-                s.finish(&r).unwrap();
-            }
-        };
-        run(&mut State::open(d.path()).unwrap(), 0..(SEEN_LIMIT + 50));
-        run(&mut State::open(d.path()).unwrap(), (SEEN_LIMIT + 50)..(2 * SEEN_LIMIT + 50));
-        let lines = fs::read_to_string(d.path().join("seen-jobs")).unwrap().lines().count();
-        assert!(lines <= 2 * SEEN_LIMIT, "{lines} lines: not compacted");
-    }
-
-    #[test]
-    fn seen_ids_are_appended_until_twice_the_limit() {
-        // One line per job (no rewrite of 1000 lines per job) until the
-        // file reaches 2 * SEEN_LIMIT lines, then one compaction.
-        let d = fast_dir();
-        let mut s = State::open(d.path()).unwrap();
-        let lines = || fs::read_to_string(d.path().join("seen-jobs")).unwrap().lines().count();
-        for i in 0..(2 * SEEN_LIMIT) {
-            s.begin(&job(&format!("j{i}"))).unwrap();
-            if i == SEEN_LIMIT + 49 {
-                assert_eq!(lines(), SEEN_LIMIT + 50, "appended, not compacted yet");
-            }
-        }
-        assert_eq!(lines(), 2 * SEEN_LIMIT);
-        s.begin(&job("one-more")).unwrap();
-        assert_eq!(lines(), SEEN_LIMIT, "compacted to the remembered ids");
     }
 
     #[test]
@@ -702,32 +488,6 @@ mod tests {
         fs::create_dir(d.path().join("spool/dir.json")).unwrap();
         let dir = Spooled { path: d.path().join("spool/dir.json"), result: JobResult::succeeded("x") };
         assert!(s.acknowledge(&[&dir]).is_err());
-    }
-
-    /// Failed before: the id was remembered before the write, so a write of
-    /// `seen-jobs` that failed was never done again and a restart forgot
-    /// the job (it could run twice).
-    #[test]
-    fn a_seen_id_whose_write_failed_is_written_the_next_time() {
-        let d = tempfile::tempdir().unwrap();
-        let mut s = State::open(d.path()).unwrap();
-        // A directory where the file goes: every write of it fails.
-        fs::create_dir(d.path().join("seen-jobs")).unwrap();
-        assert!(s.begin(&job("s1")).is_err());
-        fs::remove_dir(d.path().join("seen-jobs")).unwrap();
-        s.begin(&job("s1")).unwrap();
-        drop(s);
-        assert!(State::open(d.path()).unwrap().is_seen("s1"), "s1 is not in seen-jobs");
-    }
-
-    /// Failed before: a failed write left its partial temporary file.
-    #[test]
-    fn a_failed_atomic_write_leaves_no_temporary_file() {
-        let d = tempfile::tempdir().unwrap();
-        // The rename fails (a non-empty directory is in the way).
-        fs::create_dir_all(d.path().join("x.json/sub")).unwrap();
-        assert!(write_atomic(&d.path().join("x.json"), b"data").is_err());
-        assert!(!d.path().join(".x.json.tmp").exists(), "the temporary file is left");
     }
 
     #[test]
