@@ -53,10 +53,7 @@ pub struct Client {
     has_client_cert: bool,
 }
 
-/// Install the ring crypto provider once per process.
-pub fn init_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::http::init_crypto;
 
 fn pem_error(path: &Path, what: &str, e: rustls::pki_types::pem::Error) -> anyhow::Error {
     match e {

@@ -177,7 +177,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
             warnings.push(format!(
                 "allowed_operations in {} names {op:?}, which is not an operation of this agent ({})",
                 path.display(),
-                crate::jobs::OPERATIONS.join(", ")
+                crate::protocol::Operation::NAMES.join(", ")
             ));
         }
     }
@@ -276,7 +276,7 @@ mod tests {
         assert_eq!(c.server_url.as_deref(), Some("https://mgmt.example:8443"));
         assert_eq!(c.check_in_interval.as_secs(), 60);
         assert_eq!(c.client_cert.unwrap().1, PathBuf::from("/etc/xcp-vm-agent/agent.key"));
-        assert_eq!(c.allowed_operations.len(), crate::jobs::OPERATIONS.len());
+        assert_eq!(c.allowed_operations.len(), crate::protocol::Operation::NAMES.len());
         assert!(c.warnings.is_empty());
     }
 

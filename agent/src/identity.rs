@@ -54,12 +54,10 @@ pub struct XenFacts {
 /// Trim (whitespace and NULs), lower-case and check the 8-4-4-4-12 hex
 /// shape; None when it is not a UUID. Placeholders pass: see
 /// [`normalise_uuid`].
+/// (The check itself is `xen::identity::normalise_uuid`: this module uses
+/// `xen`, never the other way round.)
 pub fn uuid_shape(s: &str) -> Option<String> {
-    let u = s.trim().trim_matches('\0').to_ascii_lowercase();
-    let parts: Vec<&str> = u.split('-').collect();
-    let ok = parts.len() == 5
-        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()));
-    ok.then_some(u)
+    crate::xen::identity::normalise_uuid(s)
 }
 
 /// Normalise a UUID ([`uuid_shape`]) and reject the all-zero and all-F

@@ -25,7 +25,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Log levels, most severe first.
@@ -60,13 +60,41 @@ pub fn line(secs: u64, level: Level, event: std::fmt::Arguments<'_>) -> String {
     format!("{} {:>5} {event}\n", rfc3339(secs), level.as_str())
 }
 
+/// The clock of every log line (and of the rest of the agent: `jobs`
+/// re-exports it): seconds since the Unix epoch, 0 before it.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Unix time until which the log file is not written (0: none): a freeze
+/// (`guest::freeze`) may hold the file's filesystem until then. An atomic,
+/// read on every line; set by the freeze code, so logging imports nothing
+/// of it.
+static FILE_HELD_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+/// Hold the log file until `until` (Unix time; 0 releases it).
+pub fn hold_file_until(until: u64) {
+    FILE_HELD_UNTIL.store(until, Ordering::Relaxed);
+}
+
+/// Until when the log file is held (0: not held).
+pub fn file_held_until() -> u64 {
+    FILE_HELD_UNTIL.load(Ordering::Relaxed)
+}
+
+/// Whether the log file must not be written now.
+fn file_held() -> bool {
+    let until = file_held_until();
+    until != 0 && now_unix() < until
+}
+
 /// Write one event (the macros call this after [`enabled`]).
 #[doc(hidden)]
 pub fn emit(level: Level, event: std::fmt::Arguments<'_>) {
-    let line = line(crate::jobs::now_unix(), level, event);
+    let line = line(now_unix(), level, event);
     let _ = std::io::stderr().write_all(line.as_bytes());
     // Not while a freeze is in force: the log file may be on it.
-    if let Some(f) = FILE.get().and_then(Option::as_ref).filter(|_| !crate::guest::freeze::log_suspended()) {
+    if let Some(f) = FILE.get().and_then(Option::as_ref).filter(|_| !file_held()) {
         if let Ok(mut f) = f.lock() {
             let _ = f.write_all(line.as_bytes());
         }

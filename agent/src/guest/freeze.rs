@@ -41,7 +41,6 @@ use serde_json::{json, Value};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::jobs::{now_unix, Job, JobContext, JobResult};
@@ -104,16 +103,6 @@ impl Record {
     }
 }
 
-/// Unix time until which a freeze is known to be in force (0: none); the
-/// logger reads it on every line, so it is an atomic, not the record.
-static FROZEN_UNTIL: AtomicU64 = AtomicU64::new(0);
-
-/// Whether the log file must not be written now.
-pub fn log_suspended() -> bool {
-    let until = FROZEN_UNTIL.load(Ordering::Relaxed);
-    until != 0 && now_unix() < until
-}
-
 pub fn run_dir() -> PathBuf {
     std::env::var_os("XCP_AGENT_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/xcp-vm-agent"))
 }
@@ -165,7 +154,7 @@ pub fn in_force() -> Option<Record> {
         }
     };
     if guard_alive(rec.guard_pid) {
-        FROZEN_UNTIL.store(rec.thaw_at, Ordering::Relaxed);
+        crate::logging::hold_file_until(rec.thaw_at);
         return Some(rec);
     }
     if now_unix() < rec.thaw_at {
@@ -175,7 +164,7 @@ pub fn in_force() -> Option<Record> {
         }
     }
     let _ = std::fs::remove_file(&p);
-    FROZEN_UNTIL.store(0, Ordering::Relaxed);
+    crate::logging::hold_file_until(0);
     None
 }
 
@@ -301,7 +290,7 @@ pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
         return JobResult::failed("no filesystem could be frozen").with_details(json!({"skipped": skipped}));
     }
     let rec = Record { frozen, frozen_at: now_unix(), thaw_at, guard_pid };
-    FROZEN_UNTIL.store(thaw_at, Ordering::Relaxed);
+    crate::logging::hold_file_until(thaw_at);
     if let Err(e) = crate::state::write_atomic(&record_path(), rec.to_json().to_string().as_bytes()) {
         // Without the record nobody knows to thaw early: undo now.
         stop_guard(guard_pid);
@@ -349,7 +338,7 @@ pub fn thaw(ctx: &JobContext, params: &Value) -> JobResult {
     if let Some(r) = rec.filter(|_| !ctx.runner.dry_run()) {
         stop_guard(r.guard_pid);
         let _ = std::fs::remove_file(record_path());
-        FROZEN_UNTIL.store(0, Ordering::Relaxed);
+        crate::logging::hold_file_until(0);
     }
     let details = json!({"thawed": thawed, "errors": errors});
     if !errors.is_empty() {
@@ -626,7 +615,7 @@ pub fn run_while_frozen(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobR
     }
     let mut r = JobResult::refused(format!(
         "the agent's state directory is frozen until {}; only ThawFilesystems and FreezeFilesystems run meanwhile",
-        rfc3339(FROZEN_UNTIL.load(Ordering::Relaxed))
+        rfc3339(crate::logging::file_held_until())
     ));
     r.job_id = job.id.clone();
     r.operation = job.operation.clone();

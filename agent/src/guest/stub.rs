@@ -5,9 +5,6 @@
 
 pub mod freeze {
     use crate::jobs::{Job, JobContext, JobResult};
-    pub fn log_suspended() -> bool {
-        false
-    }
     pub fn in_force() -> Option<()> {
         None
     }

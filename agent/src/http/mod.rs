@@ -38,6 +38,12 @@ mod tests;
 mod wire;
 
 pub use error::HttpError;
+
+/// Install the ring crypto provider once per process (`client.rs` does
+/// before it builds its TLS configuration).
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 pub use target::{no_proxy_matches, Proxy, Target};
 pub use wire::{read_body, read_head, request, Head, MAX_HEAD_BYTES};
 

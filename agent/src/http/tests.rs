@@ -13,7 +13,7 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    crate::client::init_crypto();
+    super::init_crypto();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let cert = ck.cert.der().clone();
     let key = rustls::pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()).into();

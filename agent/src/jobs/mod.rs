@@ -63,9 +63,7 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(op: &str, params: &Value) ->
     })
 }
 
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use crate::logging::now_unix;
 
 /// Run one job to completion: allowlist check, dispatch, timing. Never
 /// panics on bad input: every problem becomes a result.

@@ -16,10 +16,6 @@
 //! head and the tail and saying what was cut. Nothing from the job ever
 //! reaches a shell command line: script text goes into a file, args and env
 //! are passed as vectors.
-#![allow(
-    clippy::unwrap_used,
-    reason = "mutex and condvar locks (panic = abort: none is ever poisoned) and piped child handles; this module is being reworked (jobs in their own units), the unwraps go with that"
-)]
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -28,6 +24,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use crate::jobs::{parse_params, JobContext, JobResult, Status};
@@ -118,7 +115,7 @@ fn reader(mut r: impl Read + Send + 'static, done: std::sync::Arc<std::sync::ato
         loop {
             match r.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => c.lock().unwrap().push(&buf[..n]),
+                Ok(n) => c.lock().unwrap_or_else(PoisonError::into_inner).push(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
@@ -136,7 +133,7 @@ static SCRIPTS_RUNNING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 struct Subreaper;
 impl Subreaper {
     fn enter() -> Subreaper {
-        let mut n = SCRIPTS_RUNNING.lock().unwrap();
+        let mut n = SCRIPTS_RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
         if *n == 0 {
             let _ = nix::sys::prctl::set_child_subreaper(true);
         }
@@ -146,7 +143,7 @@ impl Subreaper {
 }
 impl Drop for Subreaper {
     fn drop(&mut self) {
-        let mut n = SCRIPTS_RUNNING.lock().unwrap();
+        let mut n = SCRIPTS_RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
         *n -= 1;
         if *n == 0 {
             let _ = nix::sys::prctl::set_child_subreaper(false);
@@ -318,8 +315,8 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
     };
     let bash = child.id() as i32;
     let done: std::sync::Arc<std::sync::atomic::AtomicUsize> = Default::default();
-    let out = reader(child.stdout.take().unwrap(), done.clone());
-    let err = reader(child.stderr.take().unwrap(), done.clone());
+    let out = reader(child.stdout.take().expect("stdout is piped above"), done.clone());
+    let err = reader(child.stderr.take().expect("stderr is piped above"), done.clone());
     // Both pipes at their end, or `until` passed.
     let wait_pipes = |until: Instant| {
         while done.load(Ordering::SeqCst) < 2 && Instant::now() < until {
@@ -359,8 +356,8 @@ pub fn run(ctx: &JobContext, params: &serde_json::Value) -> JobResult {
     // Pipes held only by what was just killed are at their end now.
     wait_pipes(Instant::now() + Duration::from_millis(500));
     let ended = done.load(Ordering::SeqCst);
-    let stdout = std::mem::take(&mut *out.lock().unwrap());
-    let stderr = std::mem::take(&mut *err.lock().unwrap());
+    let stdout = std::mem::take(&mut *out.lock().unwrap_or_else(PoisonError::into_inner));
+    let stderr = std::mem::take(&mut *err.lock().unwrap_or_else(PoisonError::into_inner));
     let duration = start.elapsed();
     let code = status.and_then(|s| s.code());
     let signal = status.and_then(|s| s.signal());

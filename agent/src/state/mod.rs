@@ -22,7 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::jobs::{Job, JobResult, Status};
+use crate::protocol::{Job, JobResult, Status};
 
 mod durable;
 mod seen;
@@ -212,7 +212,7 @@ impl State {
             );
             r.job_id = id;
             r.operation = op;
-            r.finished_at = crate::jobs::now_unix();
+            r.finished_at = crate::logging::now_unix();
             self.record_seen(&r.job_id)?;
             tracing::warn!(job = %r.job_id, "job was interrupted by an agent stop; reporting it as interrupted");
             write_atomic(&self.spool_path(&r.job_id), &serde_json::to_vec(&r)?)?;

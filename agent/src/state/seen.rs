@@ -94,7 +94,7 @@ impl State {
 mod tests {
     use super::super::tests::{fast_dir, job};
     use super::*;
-    use crate::jobs::JobResult;
+    use crate::protocol::JobResult;
 
     #[test]
     fn seen_survives_reopen_and_is_bounded() {

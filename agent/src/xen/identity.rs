@@ -3,7 +3,8 @@
 //! DMI `product_uuid`) that turns disagreements into warnings.
 //!
 //! Reading `/sys/hypervisor/uuid` and DMI belongs to `crate::identity`; this
-//! module only compares the values it is given.
+//! module only compares the values it is given (and owns the UUID shape
+//! check `crate::identity` uses), and imports nothing from it.
 use super::xenstore::{Client, XsError};
 use serde::Serialize;
 
@@ -81,7 +82,11 @@ pub fn xenstore_identity_with(client: &mut Client) -> XenstoreIdentity {
 /// Lower-case a UUID and check its shape (8-4-4-4-12 hex digits); None when
 /// it is not a UUID. Surrounding whitespace and NULs are ignored.
 pub fn normalise_uuid(s: &str) -> Option<String> {
-    crate::identity::uuid_shape(s)
+    let u = s.trim().trim_matches('\0').to_ascii_lowercase();
+    let parts: Vec<&str> = u.split('-').collect();
+    let ok = parts.len() == 5
+        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then_some(u)
 }
 
 /// The same UUID with its first three fields byte-swapped: how SMBIOS
