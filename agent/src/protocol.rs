@@ -215,6 +215,38 @@ impl JobResult {
     }
 }
 
+/// ExtendPartition's `params` (docs/protocol.md): exactly one of
+/// `mount_point`, `device`, `xen_vbd`, `serial`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendPartitionParams {
+    pub mount_point: Option<String>,
+    pub device: Option<String>,
+    pub partition: Option<u32>,
+    pub xen_vbd: Option<u32>,
+    pub serial: Option<String>,
+    /// `vg/lv`: also extend this logical volume and its filesystem.
+    pub logical_volume: Option<String>,
+}
+
+/// InitializeDisk's `params` (docs/protocol.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitializeDiskParams {
+    pub device: String,
+    #[serde(default = "default_fs")]
+    pub filesystem: String,
+    pub mount_point: String,
+    pub label: Option<String>,
+    pub mount_options: Option<String>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn default_fs() -> String {
+    "ext4".into()
+}
+
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const CHECKIN_PATH: &str = "/api/v1/checkin";
 pub const RESULTS_PATH: &str = "/api/v1/results";

@@ -7,7 +7,7 @@ use xcp_vm_agent::protocol::Job;
 fuzz_target!(|data: &[u8]| {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     if let Ok(job) = serde_json::from_value::<Job>(v) {
-        let _ = xcp_vm_agent::disk::extend::check_params(&job.params);
-        let _ = xcp_vm_agent::disk::initialize::check_params(&job.params);
+        let _ = xcp_vm_agent::jobs::disk::check_extend_params(&job.params);
+        let _ = xcp_vm_agent::jobs::disk::check_initialize_params(&job.params);
     }
 });

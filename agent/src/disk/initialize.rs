@@ -13,13 +13,12 @@ use super::fs;
 use super::fstab::{self, Entry, Existing};
 use super::lock;
 use super::mount;
-use super::sysfs::{is_block_node, wait_until, Sys};
+use super::sysfs::{is_block_node, wait_until};
 use super::table;
+use super::{DiskError, Stopped, System};
 use crate::failpoint;
-use crate::jobs::{parse_params, JobContext, JobResult};
+use crate::runner::Runner;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -28,21 +27,39 @@ use std::time::Duration;
 /// GPT partition name marking the partition as made by this agent.
 pub const PART_NAME: &str = "xcp-vm-agent";
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    device: String,
-    #[serde(default = "default_fs")]
-    filesystem: String,
-    mount_point: String,
-    label: Option<String>,
-    mount_options: Option<String>,
-    #[serde(default)]
-    force: bool,
+/// What to initialize, and how.
+#[derive(Debug)]
+pub struct InitializeRequest {
+    /// The whole disk.
+    pub device: String,
+    /// `ext4` or `xfs`.
+    pub filesystem: String,
+    pub mount_point: String,
+    pub label: Option<String>,
+    pub mount_options: Option<String>,
+    /// Overwrite what is on the disk (a table, signatures, another filesystem).
+    pub force: bool,
 }
 
-fn default_fs() -> String {
-    "ext4".into()
+/// What InitializeDisk found and did, as far as it got (also when it was
+/// refused or failed). Absent fields were not reached.
+#[derive(Debug, Default)]
+pub struct InitializeReport {
+    /// The outcome in one sentence.
+    pub message: String,
+    /// Whether anything changed (`succeeded`) or not (`no_change`).
+    pub changed: bool,
+    pub disk: Option<String>,
+    /// What `force` overwrote.
+    pub overwritten: Option<String>,
+    pub mount_point: Option<String>,
+    pub fstab_line: Option<String>,
+    pub fstab: Option<String>,
+    /// Partition 1's node (`Some(None)`: the kernel does not show it).
+    pub partition: Option<Option<String>>,
+    pub filesystem_uuid: Option<String>,
+    pub mount_method: Option<String>,
+    pub steps: Option<Vec<&'static str>>,
 }
 
 /// Directories a data disk must never be mounted on (or under, for the
@@ -149,21 +166,17 @@ fn predicted_part_node(disk: &Path) -> String {
     }
 }
 
-/// Whether `params` are valid parameters for InitializeDisk (the refusal when not),
-/// without running anything; for the fuzz target `job`.
-pub fn check_params(params: &Value) -> Result<(), JobResult> {
-    parse_params::<Params>("InitializeDisk", params).map(|_| ())
-}
-
-pub fn run(ctx: &JobContext, params: &Value) -> JobResult {
-    let p: Params = match parse_params("InitializeDisk", params) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let mut d = Map::new();
-    match initialize(ctx, &p, &mut d) {
-        Ok(r) => r.with_details(Value::Object(d)),
-        Err(e) => JobResult::failed(format!("{e:#}")).with_details(Value::Object(d)),
+/// Run InitializeDisk: the report, or why it stopped with the report as
+/// far as it got.
+pub fn run(
+    r: &Runner,
+    system: &System,
+    req: &InitializeRequest,
+) -> Result<InitializeReport, Stopped<InitializeReport>> {
+    let mut report = InitializeReport::default();
+    match initialize(r, system, req, &mut report) {
+        Ok(()) => Ok(report),
+        Err(error) => Err(Stopped { error, report }),
     }
 }
 
@@ -198,9 +211,8 @@ fn added_errors<'a>(
     new.difference(old).filter(|e| !pending.as_deref().is_some_and(|p| e.starts_with(p))).collect()
 }
 
-fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Result<JobResult> {
-    let r = &ctx.runner;
-    let refuse = |m: String| Ok(JobResult::refused(m));
+fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut InitializeReport) -> Result<(), DiskError> {
+    let refuse = |m: String| Err(DiskError::Refused(m));
     if p.filesystem != "ext4" && p.filesystem != "xfs" {
         return refuse(format!("filesystem {:?} is not supported (ext4 or xfs)", p.filesystem));
     }
@@ -217,13 +229,14 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
         Err(e) => return refuse(e),
     };
     let mp = p.mount_point.as_str();
-    let sys = Sys::default();
+    let sys = &system.sys;
+    let fstab_path = &system.fstab;
     let disk = match sys.resolve_path(Path::new(&p.device), Duration::from_secs(2)) {
         Ok(b) => b,
         Err(e) => return refuse(format!("{e:#}")),
     };
     let disk_node = disk.node.to_string_lossy().into_owned();
-    d.insert("disk".into(), json!(disk_node));
+    d.disk = Some(disk_node.clone());
     if let Some(n) = disk.partition {
         return refuse(format!(
             "{} is partition {n} of /dev/{}; InitializeDisk takes a whole disk",
@@ -353,7 +366,7 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
                     "{disk_node} is not empty: it has {w}. Nothing was changed; use force to overwrite it"
                 ));
             }
-            d.insert("overwritten".into(), json!(w));
+            d.overwritten = Some(w);
             wipe_disk = true;
         }
     }
@@ -368,7 +381,7 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
         freq: "0".into(),
         passno: pass.into(),
     };
-    let fstab_text = fstab::read(&ctx.fstab_path)?;
+    let fstab_text = fstab::read(fstab_path)?;
     let lines = fstab::parse(&fstab_text);
     let mut paths = vec![PathBuf::from(&disk_node)];
     if let Some(b) = &kernel_p1 {
@@ -387,21 +400,22 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     let resolve = |s: &str| std::fs::canonicalize(s).ok();
     let existing = fstab::find_existing(&lines, &entry, &ids, &resolve);
     if let Existing::Conflict(why) = &existing {
-        return refuse(format!("{}: {why}; nothing was changed", ctx.fstab_path.display()));
+        return refuse(format!("{}: {why}; nothing was changed", fstab_path.display()));
     }
     let line = fstab::render(&entry);
-    d.insert("mount_point".into(), json!(mp));
-    d.insert("fstab_line".into(), json!(line));
-    d.insert("fstab".into(), json!(ctx.fstab_path.to_string_lossy()));
+    d.mount_point = Some(mp.to_string());
+    d.fstab_line = Some(line.clone());
+    d.fstab = Some(fstab_path.to_string_lossy().into_owned());
 
     let fstab_done = matches!(existing, Existing::Identical(_));
     if ours.is_some() && !need_mkfs && fstab_done && mounted_ok {
-        d.insert("partition".into(), json!(kernel_p1.as_ref().map(|b| b.node.to_string_lossy().into_owned())));
-        d.insert("filesystem_uuid".into(), json!(fs_uuid));
-        return Ok(JobResult::no_change(format!(
+        d.partition = Some(kernel_p1.as_ref().map(|b| b.node.to_string_lossy().into_owned()));
+        d.filesystem_uuid = Some(fs_uuid);
+        d.message = format!(
             "{disk_node} is already initialized: {} on partition 1, in fstab and mounted at {mp}",
             p.filesystem
-        )));
+        );
+        return Ok(());
     }
 
     // From here on the disk changes.
@@ -451,15 +465,18 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
             r.run_ok("partx", &["--update", &disk_node]).map_err(|e| anyhow!("{e}"))?;
         }
         if !wait_until(Duration::from_secs(10), right) {
-            bail!("the kernel does not show partition 1 of {disk_node} 10 s after the table was written");
+            return Err(anyhow!(
+                "the kernel does not show partition 1 of {disk_node} 10 s after the table was written"
+            )
+            .into());
         }
         let b = sys.block(&sys.partition_by_number(&disk.name, 1).unwrap_or_default())?;
         if !wait_until(Duration::from_secs(10), || is_block_node(&b.node)) {
-            bail!("{} did not appear within 10 s", b.node.display());
+            return Err(anyhow!("{} did not appear within 10 s", b.node.display()).into());
         }
         b.node.to_string_lossy().into_owned()
     };
-    d.insert("partition".into(), json!(part_node));
+    d.partition = Some(Some(part_node.clone()));
 
     if need_mkfs {
         if !r.dry_run() {
@@ -492,15 +509,16 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
         if !r.dry_run() {
             let pr = fs::probe(r, &part_node)?;
             if pr.fstype.as_deref() != Some(p.filesystem.as_str()) || pr.uuid.as_deref() != Some(fs_uuid.as_str()) {
-                bail!(
+                return Err(anyhow!(
                     "after {prog}, {part_node} shows {} instead of {} with UUID {fs_uuid}",
                     pr.describe(),
                     p.filesystem
-                );
+                )
+                .into());
             }
         }
     }
-    d.insert("filesystem_uuid".into(), json!(fs_uuid));
+    d.filesystem_uuid = Some(fs_uuid.clone());
     drop(_lock);
     if !r.dry_run() {
         udev_reprobe(r, &part_node, &fs_uuid);
@@ -510,7 +528,7 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     // host's namespace; the service's own sandbox may see `/` read-only
     // (ProtectSystem=strict), so the agent must not try. Found by the
     // booted-VM test (docs/vm-tests.md).
-    let systemd_makes_mp = mount::mounts_through_systemd(&ctx.fstab_path) && !Path::new(mp).exists();
+    let systemd_makes_mp = mount::mounts_through_systemd(fstab_path) && !Path::new(mp).exists();
     if !Path::new(mp).exists() {
         if systemd_makes_mp {
             r.note(format!("{mp} does not exist: systemd creates it when it starts the mount unit"));
@@ -523,10 +541,10 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
     if !fstab_done {
         let new_text = fstab::append(&fstab_text, &line);
         if r.dry_run() {
-            r.note(format!("write {} atomically, adding: {line}", ctx.fstab_path.display()));
+            r.note(format!("write {} atomically, adding: {line}", fstab_path.display()));
         } else {
-            let fp = ctx.fstab_path.clone();
-            fstab::write_atomic(&ctx.fstab_path, &new_text, |tmp| {
+            let fp = fstab_path.clone();
+            fstab::write_atomic(fstab_path, &new_text, |tmp| {
                 let o = r
                     .probe("findmnt", &["--verify", "--tab-file", &tmp.to_string_lossy()])
                     .map_err(|e| anyhow!("{e}"))?;
@@ -553,30 +571,33 @@ fn initialize(ctx: &JobContext, p: &Params, d: &mut Map<String, Value>) -> Resul
         steps.push("added to fstab");
     }
     if !mounted_ok {
-        let how = mount::mount_via_fstab(r, &ctx.fstab_path, mp)?;
-        d.insert("mount_method".into(), json!(how));
+        let how = mount::mount_via_fstab(r, fstab_path, mp)?;
+        d.mount_method = Some(how);
         if !r.dry_run() {
             let dn = sys.block(&sys.partition_by_number(&disk.name, 1).unwrap_or_default())?.devnum;
             let ok = wait_until(Duration::from_secs(10), || {
                 mount::mounts().map(|ms| ms.iter().any(|m| m.devnum == dn && m.mount_point == mp)).unwrap_or(false)
             });
             if !ok {
-                bail!("{part_node} is not mounted at {mp} after mounting it through fstab");
+                return Err(anyhow!("{part_node} is not mounted at {mp} after mounting it through fstab").into());
             }
         }
         steps.push("mounted");
     }
-    d.insert("steps".into(), json!(steps));
-    if r.dry_run() {
-        return Ok(JobResult::succeeded(format!("dry run: plan to initialize {disk_node} computed")));
-    }
-    let resumed = if ours.is_some() { " (finishing an earlier, interrupted run)" } else { "" };
-    Ok(JobResult::succeeded(format!(
-        "{disk_node} initialized{resumed}: {} on {part_node} (UUID {fs_uuid}), in {} and mounted at {mp}; steps: {}",
-        p.filesystem,
-        ctx.fstab_path.display(),
-        steps.join(", ")
-    )))
+    d.changed = true;
+    d.message = if r.dry_run() {
+        format!("dry run: plan to initialize {disk_node} computed")
+    } else {
+        let resumed = if ours.is_some() { " (finishing an earlier, interrupted run)" } else { "" };
+        format!(
+            "{disk_node} initialized{resumed}: {} on {part_node} (UUID {fs_uuid}), in {} and mounted at {mp}; steps: {}",
+            p.filesystem,
+            fstab_path.display(),
+            steps.join(", ")
+        )
+    };
+    d.steps = Some(steps);
+    Ok(())
 }
 
 /// udev leaves a disk alone while someone holds its lock, as this job did
@@ -685,17 +706,5 @@ mod tests {
     fn predicted_names() {
         assert_eq!(predicted_part_node(Path::new("/dev/loop0")), "/dev/loop0p1");
         assert_eq!(predicted_part_node(Path::new("/dev/xvdb")), "/dev/xvdb1");
-    }
-
-    #[test]
-    fn refusals_before_touching_anything() {
-        let ctx = JobContext::new("/tmp".into(), "/tmp/nonexistent-fstab".into(), true);
-        let r = run(&ctx, &json!({"device": "/dev/null", "mount_point": "/etc"}));
-        assert_eq!(r.status, crate::jobs::Status::Refused);
-        assert!(r.message.contains("system directory"), "{}", r.message);
-        let r = run(&ctx, &json!({"device": "/dev/null", "mount_point": "/data", "filesystem": "btrfs"}));
-        assert!(r.message.contains("btrfs"), "{}", r.message);
-        let r = run(&ctx, &json!({"device": "/dev/null", "mount_point": "/data"}));
-        assert!(r.message.contains("not a block device"), "{}", r.message);
     }
 }

@@ -10,8 +10,17 @@
 //! - [`mount`]: mountinfo, swaps, mounting through systemd or `mount`;
 //! - [`extend`], [`initialize`]: the two jobs; [`inventory`]: the report.
 //!
-//! Every external command goes through `ctx.runner` (`crate::runner`), so
-//! `--dry-run` records the plan. See `docs/disk-operations.md`.
+//! The domain layer: it knows nothing of jobs, the protocol or JSON. A job
+//! comes in as a request ([`extend::ExtendRequest`],
+//! [`initialize::InitializeRequest`]) and goes out as a typed report
+//! (`#[derive(Serialize)]`) or a [`Stopped`] ([`DiskError`]: refused before
+//! anything changed, or failed in a step, with the report as far as it
+//! got); `crate::jobs::disk` adapts both ways. Nothing here imports
+//! `crate::jobs` or `crate::protocol` (`vm-tests/tests/docs.rs` checks it).
+//!
+//! Every external command goes through the `crate::runner::Runner` it is
+//! given, so `--dry-run` records the plan. See
+//! `docs/disk-operations.md`.
 pub mod extend;
 pub mod fs;
 pub mod fstab;
@@ -24,3 +33,37 @@ pub mod table;
 pub mod target;
 
 pub use inventory::{inventory, print_inventory};
+
+use std::path::PathBuf;
+
+/// The machine a disk operation acts on: sysfs and `/dev`, the fstab, and
+/// the state directory (where temporary mounts live).
+#[derive(Debug, Clone)]
+pub struct System {
+    pub sys: sysfs::Sys,
+    pub fstab: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Why a disk operation did not do its work.
+#[derive(Debug)]
+pub enum DiskError {
+    /// Refused before anything changed: the reason.
+    Refused(String),
+    /// A step failed: the error with its context.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for DiskError {
+    fn from(e: anyhow::Error) -> Self {
+        DiskError::Failed(e)
+    }
+}
+
+/// An operation that stopped: why, and its report as far as it got (the
+/// table before a change, for example, stays in it).
+#[derive(Debug)]
+pub struct Stopped<R> {
+    pub error: DiskError,
+    pub report: R,
+}

@@ -7,6 +7,7 @@
 //! module with a `run(&JobContext, &serde_json::Value) -> JobResult`
 //! function, and the arm in [`execute`] that the compiler then asks for.
 //! Everything else (spool, dedup, allowlist, CLI `exec`) is shared.
+pub mod disk;
 pub mod run_script;
 pub mod scope;
 
@@ -83,8 +84,8 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
         )),
         Some(op) => match op {
             Operation::RunScript => run_script::run(ctx, &job.params),
-            Operation::ExtendPartition => crate::disk::extend::run(ctx, &job.params),
-            Operation::InitializeDisk => crate::disk::initialize::run(ctx, &job.params),
+            Operation::ExtendPartition => disk::extend(ctx, &job.params),
+            Operation::InitializeDisk => disk::initialize(ctx, &job.params),
             #[cfg(feature = "guest")]
             Operation::FreezeFilesystems => crate::guest::freeze::run(ctx, &job.params),
             #[cfg(feature = "guest")]
