@@ -98,7 +98,7 @@ fn readd_partition(r: &Runner, sys: &Sys, target: &Target) -> Result<bool> {
         return Ok(false);
     }
     let _l = lock::lock(&disk.node, Duration::from_secs(30))?;
-    r.run_ok("partx", &["--update", "--nr", &n.to_string(), &node]).map_err(|e| anyhow!("{e}"))?;
+    r.run_ok("partx", &["--update", "--nr", &n.to_string(), &node])?;
     let ok = wait_until(Duration::from_secs(5), || {
         sys.partition_by_number(&disk.name, n)
             .and_then(|name| sys.block(&name).ok())
@@ -177,7 +177,7 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
     if let Some((vg, l)) = lv {
         // The PV's VG, and how many PVs that VG has: by mount point only a
         // VG on this one PV (lvextend would also take the others' space).
-        let o = r.probe("pvs", &["--noheadings", "-o", "pv_count,vg_name", &part_node]).map_err(|e| anyhow!("{e}"))?;
+        let o = r.probe("pvs", &["--noheadings", "-o", "pv_count,vg_name", &part_node])?;
         let mut f = o.stdout.split_whitespace();
         let (n, pv_vg) = (f.next(), f.next().unwrap_or("none"));
         if pv_vg != vg {
@@ -191,7 +191,7 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
                  and the volume as \"logical_volume\"; nothing was changed"
             )));
         }
-        let o = r.probe("lvs", &["--noheadings", "-o", "lv_name", &format!("{vg}/{l}")]).map_err(|e| anyhow!("{e}"))?;
+        let o = r.probe("lvs", &["--noheadings", "-o", "lv_name", &format!("{vg}/{l}")])?;
         if o.code != 0 {
             return Err(DiskError::Refused(format!("no logical volume {vg}/{l}: {}", o.stderr.trim())));
         }
@@ -249,17 +249,14 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
                     &["--no-reread", "--no-tell-kernel", "--force", "-N", &n.to_string(), &disk_node],
                     &format!(", {size}\n"),
                     &[0],
-                )
-                .map_err(|e| anyhow!("{e}"))?;
+                )?;
                 failpoint::hit("extend.after_growpart");
                 want_sectors = Some(size);
             } else {
                 // growpart (cloud-utils >= 0.33) takes this very lock itself:
                 // release ours for its run, or both would wait forever.
                 guard.take();
-                let out = r
-                    .run("growpart", &["--update", "off", &disk_node, &n.to_string()], &[0, 1])
-                    .map_err(|e| anyhow!("{e}"))?;
+                let out = r.run("growpart", &["--update", "off", &disk_node, &n.to_string()], &[0, 1])?;
                 failpoint::hit("extend.after_growpart");
                 if out.code == 1 {
                     notes.push(format!("growpart: {}", out.stdout.trim()));
@@ -273,7 +270,7 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
                 guard = Some(lock::lock(&disk.node, Duration::from_secs(30))?);
             }
             if r.dry_run() {
-                r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node]).map_err(|e| anyhow!("{e}"))?;
+                r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node])?;
                 target_bytes = (lim.max_end - tp.start + 1) * lbs;
                 assume_grows = true;
             }
@@ -302,7 +299,7 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
             let kernel_size =
                 || sys.partition_by_number(&disk.name, n).and_then(|name| sys.block(&name).ok()).map(|b| b.size_bytes);
             if kernel_size() != Some(want) {
-                r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node]).map_err(|e| anyhow!("{e}"))?;
+                r.run_ok("partx", &["--update", "--nr", &n.to_string(), &disk_node])?;
                 failpoint::hit("extend.after_partx");
                 if !wait_until(Duration::from_secs(5), || kernel_size() == Some(want)) {
                     return Err(anyhow!(
@@ -347,7 +344,7 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
     let mut growths: Vec<Growth> = Vec::new();
     if fstype == "LVM2_member" {
         let before = fs::pv_size(r, &part_node)?;
-        r.run_ok("pvresize", &[&part_node]).map_err(|e| anyhow!("{e}"))?;
+        r.run_ok("pvresize", &[&part_node])?;
         failpoint::hit("extend.after_pvresize");
         let after = if r.dry_run() { before } else { fs::pv_size(r, &part_node)? };
         growths.push(Growth {
@@ -361,14 +358,14 @@ fn extend(r: &Runner, system: &System, p: &ExtendRequest, d: &mut ExtendReport) 
         if let Some((vg, l)) = lv {
             let vgl = format!("{vg}/{l}");
             let q = |args: &[&str]| -> Result<Option<u64>> {
-                let o = r.probe(args[0], &args[1..]).map_err(|e| anyhow!("{e}"))?;
+                let o = r.probe(args[0], &args[1..])?;
                 Ok(o.stdout.trim().parse().ok())
             };
             let lv_before = q(&["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", &vgl])?;
             let free = q(&["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg])?.unwrap_or(0);
             // A dry run plans it always: the PV has not grown yet.
             if free > 0 || r.dry_run() {
-                r.run_ok("lvextend", &["-l", "+100%FREE", &vgl]).map_err(|e| anyhow!("{e}"))?;
+                r.run_ok("lvextend", &["-l", "+100%FREE", &vgl])?;
                 failpoint::hit("extend.after_lvextend");
             }
             let lv_after = q(&["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", &vgl])?;

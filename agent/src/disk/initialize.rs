@@ -13,7 +13,8 @@ use super::fs;
 use super::fstab::{self, Entry, Existing};
 use super::lock;
 use super::mount;
-use super::sysfs::{is_block_node, wait_until};
+use super::mount::Mount;
+use super::sysfs::{is_block_node, wait_until, Block, Sys};
 use super::table;
 use super::{DiskError, Stopped, System};
 use crate::failpoint;
@@ -180,6 +181,95 @@ pub fn run(
     }
 }
 
+/// The checks of the request alone (no disk looked at): the filesystem, the
+/// mount point's spelling, the label; the mount options to use.
+pub fn check_request(p: &InitializeRequest) -> Result<String, DiskError> {
+    if p.filesystem != "ext4" && p.filesystem != "xfs" {
+        return Err(DiskError::Refused(format!("filesystem {:?} is not supported (ext4 or xfs)", p.filesystem)));
+    }
+    check_mount_point(&p.mount_point).map_err(DiskError::Refused)?;
+    if let Some(l) = &p.label {
+        check_label(&p.filesystem, l).map_err(DiskError::Refused)?;
+    }
+    mount_options(p.mount_options.as_deref()).map_err(DiskError::Refused)
+}
+
+/// `device` (as the job named it) resolved to `disk` must be a whole,
+/// writable disk. Checked before the disk lock is taken.
+pub fn whole_disk(device: &str, disk: &Block) -> Result<(), DiskError> {
+    if let Some(n) = disk.partition {
+        return Err(DiskError::Refused(format!(
+            "{device} is partition {n} of /dev/{}; InitializeDisk takes a whole disk",
+            disk.disk
+        )));
+    }
+    if disk.read_only {
+        return Err(DiskError::Refused(format!("{} is read-only", disk.node.display())));
+    }
+    Ok(())
+}
+
+/// What the preflight found on a disk that may be initialized.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The partitions the kernel knows on it: (number, name).
+    pub kparts: Vec<(u32, String)>,
+    /// The disk's and each partition's kernel name and device number.
+    pub devnums: Vec<(String, (u64, u64))>,
+    /// The sectors partition 1 will span (from 1 MiB to the end).
+    pub first: u64,
+    pub last: u64,
+}
+
+/// The checks of the disk that change nothing and run no command, made
+/// while its lock is held: nothing of it holds `/` or `/boot`, is held by
+/// device-mapper, LVM or RAID, or is in use as swap (`swaps`: each swap's
+/// path and device number), and it is big enough for a partition. Pure over
+/// sysfs (`sys`) and the given mount table, so a fake `/sys` tests it; the
+/// table and what is on the disk are looked at next, with probes.
+pub fn preflight(
+    sys: &Sys,
+    disk: &Block,
+    mounts: &[Mount],
+    swaps: &[(String, (u64, u64))],
+) -> Result<Layout, DiskError> {
+    let refuse = |m: String| Err(DiskError::Refused(m));
+    let disk_node = disk.node.display();
+    let kparts = sys.partitions(&disk.name);
+    let mut names: Vec<String> = vec![disk.name.clone()];
+    names.extend(kparts.iter().map(|(_, n)| n.clone()));
+    let mut devnums = Vec::new();
+    for n in &names {
+        devnums.push((n.clone(), sys.block(n)?.devnum));
+    }
+    let name_of = |dn: (u64, u64)| devnums.iter().find(|(_, x)| *x == dn).map(|(n, _)| n.clone());
+    for m in mounts {
+        if let Some(n) = name_of(m.devnum) {
+            if m.mount_point == "/" || m.mount_point == "/boot" {
+                return refuse(format!("{disk_node} holds {} (on {n}); refusing to touch it", m.mount_point));
+            }
+        }
+    }
+    for n in &names {
+        let h = sys.holders(n);
+        if !h.is_empty() {
+            return refuse(format!(
+                "{n} is in use by {} (device-mapper, LVM or RAID holds it); refusing to touch it",
+                h.join(", ")
+            ));
+        }
+    }
+    for (sw, dn) in swaps {
+        if let Some(n) = name_of(*dn) {
+            return refuse(format!("{n} is in use as swap ({sw}); refusing to touch it"));
+        }
+    }
+    let Some((first, last)) = table::init_partition_range(disk.size_bytes, disk.logical_block_size) else {
+        return refuse(format!("{disk_node} is too small ({} bytes) for a partition", disk.size_bytes));
+    };
+    Ok(Layout { kparts, devnums, first, last })
+}
+
 fn devnum_of(path: &str) -> Option<(u64, u64)> {
     let md = std::fs::metadata(path).ok()?;
     md.file_type().is_block_device().then(|| (nix::sys::stat::major(md.rdev()), nix::sys::stat::minor(md.rdev())))
@@ -213,21 +303,7 @@ fn added_errors<'a>(
 
 fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut InitializeReport) -> Result<(), DiskError> {
     let refuse = |m: String| Err(DiskError::Refused(m));
-    if p.filesystem != "ext4" && p.filesystem != "xfs" {
-        return refuse(format!("filesystem {:?} is not supported (ext4 or xfs)", p.filesystem));
-    }
-    if let Err(e) = check_mount_point(&p.mount_point) {
-        return refuse(e);
-    }
-    if let Some(l) = &p.label {
-        if let Err(e) = check_label(&p.filesystem, l) {
-            return refuse(e);
-        }
-    }
-    let opts = match mount_options(p.mount_options.as_deref()) {
-        Ok(o) => o,
-        Err(e) => return refuse(e),
-    };
+    let opts = check_request(p)?;
     let mp = p.mount_point.as_str();
     let sys = &system.sys;
     let fstab_path = &system.fstab;
@@ -237,54 +313,17 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
     };
     let disk_node = disk.node.to_string_lossy().into_owned();
     d.disk = Some(disk_node.clone());
-    if let Some(n) = disk.partition {
-        return refuse(format!(
-            "{} is partition {n} of /dev/{}; InitializeDisk takes a whole disk",
-            p.device, disk.disk
-        ));
-    }
-    if disk.read_only {
-        return refuse(format!("{disk_node} is read-only"));
-    }
+    whole_disk(&p.device, &disk)?;
     // Lock before looking: every check below must still hold when the disk
     // is written, and another tool following the flock convention may be
     // changing it right now.
     let _lock = lock::lock(&disk.node, Duration::from_secs(30))?;
     let mounts = mount::mounts()?;
-    let kparts = sys.partitions(&disk.name);
-    let mut names: Vec<String> = vec![disk.name.clone()];
-    names.extend(kparts.iter().map(|(_, n)| n.clone()));
-    let mut devnums = Vec::new();
-    for n in &names {
-        devnums.push((n.clone(), sys.block(n)?.devnum));
-    }
+    let swaps: Vec<(String, (u64, u64))> =
+        mount::swaps().into_iter().filter_map(|sw| devnum_of(&sw).map(|dn| (sw, dn))).collect();
+    let Layout { kparts, devnums, first, last } = preflight(sys, &disk, &mounts, &swaps)?;
     let name_of = |dn: (u64, u64)| devnums.iter().find(|(_, x)| *x == dn).map(|(n, _)| n.clone());
-    for m in &mounts {
-        if let Some(n) = name_of(m.devnum) {
-            if m.mount_point == "/" || m.mount_point == "/boot" {
-                return refuse(format!("{disk_node} holds {} (on {n}); refusing to touch it", m.mount_point));
-            }
-        }
-    }
-    for n in &names {
-        let h = sys.holders(n);
-        if !h.is_empty() {
-            return refuse(format!(
-                "{n} is in use by {} (device-mapper, LVM or RAID holds it); refusing to touch it",
-                h.join(", ")
-            ));
-        }
-    }
-    for sw in mount::swaps() {
-        if let Some(n) = devnum_of(&sw).and_then(name_of) {
-            return refuse(format!("{n} is in use as swap ({sw}); refusing to touch it"));
-        }
-    }
-
     let lbs = disk.logical_block_size;
-    let Some((first, last)) = table::init_partition_range(disk.size_bytes, lbs) else {
-        return refuse(format!("{disk_node} is too small ({} bytes) for a partition", disk.size_bytes));
-    };
     let tab = table::read(r, &disk_node)?;
     let ours = tab.as_ref().and_then(|t| {
         (t.label == "gpt"
@@ -423,9 +462,9 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
     if ours.is_none() {
         if wipe_disk {
             for (_, n) in &kparts {
-                r.run_ok("wipefs", &["--all", &format!("/dev/{n}")]).map_err(|e| anyhow!("{e}"))?;
+                r.run_ok("wipefs", &["--all", &format!("/dev/{n}")])?;
             }
-            r.run_ok("wipefs", &["--all", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+            r.run_ok("wipefs", &["--all", &disk_node])?;
         }
         r.run_ok(
             "sgdisk",
@@ -437,8 +476,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
                 format!("--partition-guid=1:{part_guid}"),
                 disk_node.clone(),
             ],
-        )
-        .map_err(|e| anyhow!("{e}"))?;
+        )?;
         failpoint::hit("initialize.after_partition");
         steps.push("partitioned");
     }
@@ -447,7 +485,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
     // partition busy) do not: tell it through BLKPG when needed.
     let part_node = if r.dry_run() {
         if ours.is_none() || kernel_p1.is_none() {
-            r.run_ok("partx", &["--update", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+            r.run_ok("partx", &["--update", &disk_node])?;
         }
         kernel_p1
             .as_ref()
@@ -462,7 +500,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
         };
         let extra = sys.partitions(&disk.name).len() > 1;
         if !right() || extra {
-            r.run_ok("partx", &["--update", &disk_node]).map_err(|e| anyhow!("{e}"))?;
+            r.run_ok("partx", &["--update", &disk_node])?;
         }
         if !wait_until(Duration::from_secs(10), right) {
             return Err(anyhow!(
@@ -488,7 +526,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
                         pr.describe()
                     ));
                 }
-                r.run_ok("wipefs", &["--all", &part_node]).map_err(|e| anyhow!("{e}"))?;
+                r.run_ok("wipefs", &["--all", &part_node])?;
             }
         }
         let mut args: Vec<String> = Vec::new();
@@ -503,7 +541,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
             args.extend(["-L".into(), l.clone()]);
         }
         args.push(part_node.clone());
-        r.run_ok(prog, &args).map_err(|e| anyhow!("{e}"))?;
+        r.run_ok(prog, &args)?;
         failpoint::hit("initialize.after_mkfs");
         steps.push("formatted");
         if !r.dry_run() {
@@ -545,17 +583,13 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
         } else {
             let fp = fstab_path.clone();
             fstab::write_atomic(fstab_path, &new_text, |tmp| {
-                let o = r
-                    .probe("findmnt", &["--verify", "--tab-file", &tmp.to_string_lossy()])
-                    .map_err(|e| anyhow!("{e}"))?;
+                let o = r.probe("findmnt", &["--verify", "--tab-file", &tmp.to_string_lossy()])?;
                 if o.code == 0 {
                     return Ok(());
                 }
                 let new_errs = findmnt_errors(&o.stdout);
                 let old_errs = if fp.exists() {
-                    let o2 = r
-                        .probe("findmnt", &["--verify", "--tab-file", &fp.to_string_lossy()])
-                        .map_err(|e| anyhow!("{e}"))?;
+                    let o2 = r.probe("findmnt", &["--verify", "--tab-file", &fp.to_string_lossy()])?;
                     findmnt_errors(&o2.stdout)
                 } else {
                     BTreeSet::new()
@@ -706,5 +740,80 @@ mod tests {
     fn predicted_names() {
         assert_eq!(predicted_part_node(Path::new("/dev/loop0")), "/dev/loop0p1");
         assert_eq!(predicted_part_node(Path::new("/dev/xvdb")), "/dev/xvdb1");
+    }
+
+    fn req(mp: &str, fs: &str) -> InitializeRequest {
+        InitializeRequest {
+            device: "/dev/xvdb".into(),
+            filesystem: fs.into(),
+            mount_point: mp.into(),
+            label: None,
+            mount_options: None,
+            force: false,
+        }
+    }
+
+    fn refusal<T: std::fmt::Debug>(r: Result<T, DiskError>) -> String {
+        match r {
+            Err(DiskError::Refused(m)) => m,
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn preflight_on_a_fake_sys_refuses_what_is_in_use_and_plans_partition_1() {
+        use super::super::sysfs::fake;
+        let t = tempfile::tempdir().unwrap();
+        // xvdb: 1 GiB, partition 1 at 1 MiB; xvdc: 1 MiB, too small; dm-0 on xvdd1.
+        fake::disk(t.path(), "xvdb", "202:16", 2097152, 512);
+        fake::part(t.path(), "xvdb", "xvdb1", "202:17", 1, 2048, 2095104);
+        fake::disk(t.path(), "xvdc", "202:32", 2048, 512);
+        fake::disk(t.path(), "xvdd", "202:48", 2097152, 512);
+        fake::part(t.path(), "xvdd", "xvdd1", "202:49", 1, 2048, 2095104);
+        fake::dm(t.path(), "dm-0", "253:0", "vg-lv", "LVM-x", &["xvdd1"]);
+        let sys = Sys::new(t.path().join("sys"), t.path().join("dev"));
+        let xvdb = sys.block("xvdb").unwrap();
+        let mount = |dn: (u64, u64), mp: &str| Mount {
+            devnum: dn,
+            mount_point: mp.into(),
+            fstype: "ext4".into(),
+            source: "/dev/x".into(),
+        };
+
+        // Free: the plan is partition 1 from 1 MiB to the last usable sector
+        // (GPT keeps 33 sectors at the end), and the names to check.
+        let l = preflight(&sys, &xvdb, &[mount((8, 1), "/")], &[("/dev/sda2".into(), (8, 2))]).unwrap();
+        assert_eq!(l.kparts, [(1, "xvdb1".to_string())]);
+        assert_eq!(l.devnums, [("xvdb".to_string(), (202, 16)), ("xvdb1".to_string(), (202, 17))]);
+        assert_eq!((l.first, l.last), table::init_partition_range(1 << 30, 512).unwrap());
+        assert_eq!(l.first, 2048);
+
+        // `/` or `/boot` on it, a holder, swap, too small.
+        let m = refusal(preflight(&sys, &xvdb, &[mount((202, 17), "/boot")], &[]));
+        assert_eq!(m, format!("{} holds /boot (on xvdb1); refusing to touch it", xvdb.node.display()));
+        let m = refusal(preflight(&sys, &xvdb, &[], &[("/swapfile".into(), (202, 17))]));
+        assert_eq!(m, "xvdb1 is in use as swap (/swapfile); refusing to touch it");
+        let xvdd = sys.block("xvdd").unwrap();
+        let m = refusal(preflight(&sys, &xvdd, &[], &[]));
+        assert_eq!(m, "xvdd1 is in use by dm-0 (device-mapper, LVM or RAID holds it); refusing to touch it");
+        let xvdc = sys.block("xvdc").unwrap();
+        let m = refusal(preflight(&sys, &xvdc, &[], &[]));
+        assert!(m.ends_with("is too small (1048576 bytes) for a partition"), "{m}");
+        // Another mount of the disk is not the preflight's to refuse: it may
+        // be this job's own partition at its mount point (checked with the table).
+        assert!(preflight(&sys, &xvdb, &[mount((202, 17), "/data")], &[]).is_ok());
+
+        // A partition or a read-only disk is refused before the lock.
+        let m = refusal(whole_disk("/dev/xvdb1", &sys.block("xvdb1").unwrap()));
+        assert_eq!(m, "/dev/xvdb1 is partition 1 of /dev/xvdb; InitializeDisk takes a whole disk");
+        std::fs::write(t.path().join("sys/devices/virtual/block/xvdb/ro"), "1\n").unwrap();
+        let m = refusal(whole_disk("/dev/xvdb", &sys.block("xvdb").unwrap()));
+        assert_eq!(m, format!("{} is read-only", xvdb.node.display()));
+        assert!(whole_disk("/dev/xvdc", &xvdc).is_ok());
+
+        // The request alone.
+        assert_eq!(check_request(&req("/data", "xfs")).unwrap(), "defaults,nofail");
+        assert!(refusal(check_request(&req("/data", "btrfs"))).contains("btrfs"));
+        assert!(refusal(check_request(&req("/etc", "ext4"))).contains("system directory"));
     }
 }

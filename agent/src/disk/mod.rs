@@ -60,6 +60,13 @@ impl From<anyhow::Error> for DiskError {
     }
 }
 
+/// A command's failure, kept as its type (its text is the message).
+impl From<crate::runner::CmdError> for DiskError {
+    fn from(e: crate::runner::CmdError) -> Self {
+        DiskError::Failed(e.into())
+    }
+}
+
 /// An operation that stopped: why, and its report as far as it got (the
 /// table before a change, for example, stays in it).
 #[derive(Debug)]

@@ -21,13 +21,6 @@ fn system(ctx: &JobContext) -> System {
     System { sys: Sys::default(), fstab: ctx.fstab_path.clone(), state_dir: ctx.state_dir.clone() }
 }
 
-/// A report's outcome (its message, whether anything changed) and its
-/// fields as a result's `details`.
-trait Report {
-    fn outcome(&mut self) -> (String, bool);
-    fn details(self) -> Map<String, Value>;
-}
-
 /// A field that was reached (one function per type, so each field costs a
 /// call, not an inlined conversion).
 fn put(m: &mut Map<String, Value>, key: &str, v: Option<Value>) {
@@ -42,65 +35,53 @@ fn num(m: &mut Map<String, Value>, key: &str, v: Option<u64>) {
     put(m, key, v.map(Value::from));
 }
 
-impl Report for extend::ExtendReport {
-    fn outcome(&mut self) -> (String, bool) {
-        (std::mem::take(&mut self.message), self.changed)
-    }
-    fn details(self) -> Map<String, Value> {
-        let mut m = Map::new();
-        let stale = self.stale_temp_mounts_removed;
-        put(&mut m, "stale_temp_mounts_removed", (!stale.is_empty()).then(|| stale.into()));
-        text(&mut m, "device", self.device);
-        text(&mut m, "disk", self.disk);
-        num(&mut m, "disk_bytes", self.disk_bytes);
-        num(&mut m, "logical_sector_size", self.logical_sector_size);
-        num(&mut m, "partition_bytes_before", self.partition_bytes_before);
-        text(&mut m, "filesystem", self.filesystem);
-        put(&mut m, "mount_point", self.mount_point.map(Value::from));
-        text(&mut m, "partition_table", self.partition_table);
-        text(&mut m, "table_before", self.table_before);
-        num(&mut m, "partition_growable_bytes", self.partition_growable_bytes);
-        num(&mut m, "partition_bytes_after", self.partition_bytes_after);
-        put(&mut m, "filesystem_bytes_before", self.filesystem_bytes_before.map(Value::from));
-        put(&mut m, "filesystem_bytes_after", self.filesystem_bytes_after.map(Value::from));
-        put(&mut m, "steps", self.steps.and_then(|s| serde_json::to_value(s).ok()));
-        put(&mut m, "notes", self.notes.map(Value::from));
-        m
-    }
+fn extend_details(r: extend::ExtendReport) -> Map<String, Value> {
+    let mut m = Map::new();
+    let stale = r.stale_temp_mounts_removed;
+    put(&mut m, "stale_temp_mounts_removed", (!stale.is_empty()).then(|| stale.into()));
+    text(&mut m, "device", r.device);
+    text(&mut m, "disk", r.disk);
+    num(&mut m, "disk_bytes", r.disk_bytes);
+    num(&mut m, "logical_sector_size", r.logical_sector_size);
+    num(&mut m, "partition_bytes_before", r.partition_bytes_before);
+    text(&mut m, "filesystem", r.filesystem);
+    put(&mut m, "mount_point", r.mount_point.map(Value::from));
+    text(&mut m, "partition_table", r.partition_table);
+    text(&mut m, "table_before", r.table_before);
+    num(&mut m, "partition_growable_bytes", r.partition_growable_bytes);
+    num(&mut m, "partition_bytes_after", r.partition_bytes_after);
+    put(&mut m, "filesystem_bytes_before", r.filesystem_bytes_before.map(Value::from));
+    put(&mut m, "filesystem_bytes_after", r.filesystem_bytes_after.map(Value::from));
+    put(&mut m, "steps", r.steps.and_then(|s| serde_json::to_value(s).ok()));
+    put(&mut m, "notes", r.notes.map(Value::from));
+    m
 }
 
-impl Report for initialize::InitializeReport {
-    fn outcome(&mut self) -> (String, bool) {
-        (std::mem::take(&mut self.message), self.changed)
-    }
-    fn details(self) -> Map<String, Value> {
-        let mut m = Map::new();
-        text(&mut m, "disk", self.disk);
-        text(&mut m, "overwritten", self.overwritten);
-        text(&mut m, "mount_point", self.mount_point);
-        text(&mut m, "fstab_line", self.fstab_line);
-        text(&mut m, "fstab", self.fstab);
-        put(&mut m, "partition", self.partition.map(Value::from));
-        text(&mut m, "filesystem_uuid", self.filesystem_uuid);
-        text(&mut m, "mount_method", self.mount_method);
-        put(&mut m, "steps", self.steps.map(Value::from));
-        m
-    }
+fn initialize_details(r: initialize::InitializeReport) -> Map<String, Value> {
+    let mut m = Map::new();
+    text(&mut m, "disk", r.disk);
+    text(&mut m, "overwritten", r.overwritten);
+    text(&mut m, "mount_point", r.mount_point);
+    text(&mut m, "fstab_line", r.fstab_line);
+    text(&mut m, "fstab", r.fstab);
+    put(&mut m, "partition", r.partition.map(Value::from));
+    text(&mut m, "filesystem_uuid", r.filesystem_uuid);
+    text(&mut m, "mount_method", r.mount_method);
+    put(&mut m, "steps", r.steps.map(Value::from));
+    m
 }
 
 /// A disk operation's end as a result: `succeeded`/`no_change` with the
-/// report's message, `refused`/`failed` with the reason; details are the
-/// report in every case.
-fn result<R: Report>(end: Result<R, Stopped<R>>) -> JobResult {
-    let (status, message, report) = match end {
-        Ok(mut report) => match report.outcome() {
-            (m, true) => (Status::Succeeded, m, report),
-            (m, false) => (Status::NoChange, m, report),
-        },
-        Err(Stopped { error: DiskError::Refused(m), report }) => (Status::Refused, m, report),
-        Err(Stopped { error: DiskError::Failed(e), report }) => (Status::Failed, format!("{e:#}"), report),
+/// report's message (`Ok((message, changed))`), `refused`/`failed` with the
+/// reason; `details` are the report's fields in every case.
+fn result(end: Result<(String, bool), DiskError>, details: Map<String, Value>) -> JobResult {
+    let (status, message) = match end {
+        Ok((m, true)) => (Status::Succeeded, m),
+        Ok((m, false)) => (Status::NoChange, m),
+        Err(DiskError::Refused(m)) => (Status::Refused, m),
+        Err(DiskError::Failed(e)) => (Status::Failed, format!("{e:#}")),
     };
-    JobResult::new(status, message).with_details(Value::Object(report.details()))
+    JobResult::new(status, message).with_details(Value::Object(details))
 }
 
 /// Whether `params` are valid parameters for ExtendPartition (the refusal
@@ -126,7 +107,11 @@ pub fn extend(ctx: &JobContext, params: &Value) -> JobResult {
         Err(e) => return JobResult::refused(format!("invalid parameters for ExtendPartition: {e}")),
     };
     let req = ExtendRequest { target, logical_volume: p.logical_volume };
-    result(extend::run(&ctx.runner, &system(ctx), &req))
+    let (end, report) = match extend::run(&ctx.runner, &system(ctx), &req) {
+        Ok(mut r) => (Ok((std::mem::take(&mut r.message), r.changed)), r),
+        Err(Stopped { error, report }) => (Err(error), report),
+    };
+    result(end, extend_details(report))
 }
 
 /// InitializeDisk.
@@ -143,7 +128,11 @@ pub fn initialize(ctx: &JobContext, params: &Value) -> JobResult {
         mount_options: p.mount_options,
         force: p.force,
     };
-    result(initialize::run(&ctx.runner, &system(ctx), &req))
+    let (end, report) = match initialize::run(&ctx.runner, &system(ctx), &req) {
+        Ok(mut r) => (Ok((std::mem::take(&mut r.message), r.changed)), r),
+        Err(Stopped { error, report }) => (Err(error), report),
+    };
+    result(end, initialize_details(report))
 }
 
 #[cfg(test)]
