@@ -4,6 +4,9 @@
 //! logical volume grows all four layers: partition, PV, LV, filesystem
 //! (`target::resolve_target` finds the PV; here the VG must have only it).
 //!
+//! Domain code: a typed [`ExtendRequest`] in, an [`ExtendReport`] or a
+//! `Stopped` out (`crate::jobs::disk` adapts the job).
+//!
 //! Order: resolve the target through sysfs; probe what is on it and refuse
 //! what cannot be grown (LUKS, unknown) before touching anything; lock the
 //! disk; read the table once (`sfdisk --json`, also rendered as the

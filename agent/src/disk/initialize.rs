@@ -1,6 +1,12 @@
 //! InitializeDisk: GPT label, one partition from 1 MiB to the end, a
 //! filesystem, an fstab entry, a mount through that entry.
 //!
+//! Domain code: a typed [`InitializeRequest`] in, an [`InitializeReport`] or
+//! a `Stopped` out (`crate::jobs::disk` adapts the job). The refusals that
+//! need no command are pure functions of the request, sysfs and the mount
+//! table ([`check_request`], [`whole_disk`], [`preflight`], unit-tested on a
+//! fake `/sys`); the table and signature checks follow with probes.
+//!
 //! Everything that could make this destructive is checked first, while the
 //! disk is untouched: a partition, `/` or `/boot`, holders, mounts, swap,
 //! read-only, a table or any signature (also at the offset where the new
