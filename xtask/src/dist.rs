@@ -142,10 +142,31 @@ pub fn build_binary_in(epoch: u64, target_dir: &Path) -> Result<(PathBuf, &'stat
             .args(["--config", "profile.release.strip=true", "--config", "profile.release.debug=false"]),
     )?;
     let bin = target_dir.join(target).join("release").join(NAME);
-    if has_interpreter(&std::fs::read(&bin)?)? {
+    let elf = std::fs::read(&bin)?;
+    if has_interpreter(&elf)? {
         bail!("{} is dynamically linked (it has a PT_INTERP program header)", bin.display());
     }
+    if target == MUSL {
+        within_budget(elf.len() as u64)?;
+    }
+    eprintln!("    static binary: {} bytes (budget {SIZE_BUDGET})", elf.len());
     Ok((bin, target))
+}
+
+/// The most the static (musl) binary may weigh, in bytes (docs/performance.md).
+/// Every build of it checks, so a change over budget fails `cargo xtask dist`
+/// and with it `cargo xtask test`, not a later measurement.
+pub const SIZE_BUDGET: u64 = 2_200_000;
+
+fn within_budget(len: u64) -> Result<()> {
+    if len > SIZE_BUDGET {
+        bail!(
+            "the static binary is {len} bytes, {} over its budget of {SIZE_BUDGET} (docs/performance.md): \
+             find the saving in the agent before adding to it",
+            len - SIZE_BUDGET
+        );
+    }
+    Ok(())
 }
 
 /// Whether a 64-bit little-endian ELF file names a dynamic loader
@@ -649,5 +670,13 @@ mod tests {
         assert_eq!(rfc2822(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc2822(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 +0000");
         assert_eq!(rfc2822(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn size_budget_is_inclusive_and_names_the_excess() {
+        within_budget(SIZE_BUDGET).unwrap();
+        within_budget(2_122_680).unwrap();
+        let e = within_budget(SIZE_BUDGET + 424).unwrap_err().to_string();
+        assert!(e.contains("2200424 bytes, 424 over its budget of 2200000"), "{e}");
     }
 }
