@@ -339,11 +339,14 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
 /// once, by the first unit that needs it (the others wait for it, and a
 /// free worker prefers a unit whose image is not being built); its report
 /// row gathers the rows of all its chains.
+/// An image's build, done once per run: the image, or why it failed.
+type BuildSlot = Mutex<Option<std::result::Result<Arc<image::Built>, String>>>;
+
 struct Sched {
     imgs: Vec<&'static image::Image>,
     queue: Mutex<Vec<(usize, &'static str)>>,
     /// Per image: the build (once), and what its chains gave so far.
-    builds: Vec<Mutex<Option<std::result::Result<Arc<image::Built>, String>>>>,
+    builds: Vec<BuildSlot>,
     results: Vec<Mutex<report::ImageResult>>,
     chains_left: Vec<Mutex<usize>>,
 }
