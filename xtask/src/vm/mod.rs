@@ -332,6 +332,9 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// An image's build, done once per run: the image, or why it failed.
+type BuildSlot = Mutex<Option<std::result::Result<Arc<image::Built>, String>>>;
+
 /// The work of a run: one unit per chain of each image (a chain is one
 /// VM at a time on its own overlay), so `--jobs` VMs stay busy until the
 /// end instead of one image's long tail running alone (give the images
@@ -339,9 +342,6 @@ pub fn run_matrix(o: &Opts) -> Result<()> {
 /// once, by the first unit that needs it (the others wait for it, and a
 /// free worker prefers a unit whose image is not being built); its report
 /// row gathers the rows of all its chains.
-/// An image's build, done once per run: the image, or why it failed.
-type BuildSlot = Mutex<Option<std::result::Result<Arc<image::Built>, String>>>;
-
 struct Sched {
     imgs: Vec<&'static image::Image>,
     queue: Mutex<Vec<(usize, &'static str)>>,
