@@ -4,7 +4,7 @@
 use super::mount::TempMount;
 use crate::failpoint;
 use crate::runner::Runner;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,7 +46,7 @@ pub fn parse_export(text: &str) -> BTreeMap<String, String> {
 }
 
 fn probe_cmd(runner: &Runner, args: &[String]) -> Result<Probe> {
-    let out = runner.probe("blkid", args).map_err(|e| anyhow!("{e}"))?;
+    let out = runner.probe("blkid", args)?;
     match out.code {
         0 => {
             let m = parse_export(&out.stdout);
@@ -90,7 +90,7 @@ pub fn probe_at(runner: &Runner, dev: &str, offset: u64, size: u64) -> Result<Pr
 
 /// Every signature wipefs sees ("ext4 at 0x438"), partition tables included.
 pub fn signatures(runner: &Runner, dev: &str) -> Result<Vec<String>> {
-    let out = runner.probe("wipefs", &["--json", dev]).map_err(|e| anyhow!("{e}"))?;
+    let out = runner.probe("wipefs", &["--json", dev])?;
     if out.code != 0 {
         bail!("`wipefs --json {dev}` exited with {}: {}", out.code, out.stderr.trim());
     }
@@ -175,12 +175,12 @@ pub fn fs_size(runner: &Runner, dev: &str, fstype: &str, mount_point: Option<&st
         if let Some(n) = ext_size(dev) {
             return Ok(Some(n));
         }
-        let o = runner.probe("dumpe2fs", &["-h", dev]).map_err(|e| anyhow!("{e}"))?;
+        let o = runner.probe("dumpe2fs", &["-h", dev])?;
         return Ok(parse_dumpe2fs(&o.stdout));
     }
     if fstype == "xfs" {
         let target = mount_point.unwrap_or(dev);
-        let o = runner.probe("xfs_info", &[target]).map_err(|e| anyhow!("{e}"))?;
+        let o = runner.probe("xfs_info", &[target])?;
         return Ok(parse_xfs_info(&o.stdout));
     }
     if fstype == "LVM2_member" {
@@ -191,9 +191,7 @@ pub fn fs_size(runner: &Runner, dev: &str, fstype: &str, mount_point: Option<&st
 
 /// PV size in bytes (`pvs pv_size`).
 pub fn pv_size(runner: &Runner, dev: &str) -> Result<Option<u64>> {
-    let o = runner
-        .probe("pvs", &["--noheadings", "--units", "b", "--nosuffix", "-o", "pv_size", dev])
-        .map_err(|e| anyhow!("{e}"))?;
+    let o = runner.probe("pvs", &["--noheadings", "--units", "b", "--nosuffix", "-o", "pv_size", dev])?;
     Ok(o.stdout.trim().parse().ok())
 }
 
@@ -240,23 +238,23 @@ pub fn grow(
         match mount_point {
             Some(mp) => g.how = format!("resize2fs online (mounted at {mp})"),
             None => {
-                runner.run("e2fsck", &["-f", "-p", dev], &[0, 1]).map_err(|e| anyhow!("{e}"))?;
+                runner.run("e2fsck", &["-f", "-p", dev], &[0, 1])?;
                 failpoint::hit("extend.after_e2fsck");
                 g.how = "e2fsck -f -p, then resize2fs offline".into();
             }
         }
-        runner.run_ok("resize2fs", &[dev]).map_err(|e| anyhow!("{e}"))?;
+        runner.run_ok("resize2fs", &[dev])?;
         failpoint::hit("extend.after_resize2fs");
     } else if fstype == "xfs" {
         match mount_point {
             Some(mp) => {
-                runner.run_ok("xfs_growfs", &["-d", mp]).map_err(|e| anyhow!("{e}"))?;
+                runner.run_ok("xfs_growfs", &["-d", mp])?;
                 g.how = format!("xfs_growfs on its mount point {mp}");
             }
             None => {
                 let tm = TempMount::new(runner, state_dir, Path::new(dev), "xfs")?;
                 failpoint::hit("extend.after_temp_mount");
-                runner.run_ok("xfs_growfs", &["-d", &tm.path()]).map_err(|e| anyhow!("{e}"))?;
+                runner.run_ok("xfs_growfs", &["-d", &tm.path()])?;
                 failpoint::hit("extend.after_xfs_growfs");
                 tm.finish(runner)?;
                 g.how = "xfs_growfs in a private temporary mount".into();

@@ -5,7 +5,8 @@
 //! a `Stopped` out (`crate::jobs::disk` adapts the job). The refusals that
 //! need no command are pure functions of the request, sysfs and the mount
 //! table ([`check_request`], [`whole_disk`], [`preflight`], unit-tested on a
-//! fake `/sys`); the table and signature checks follow with probes.
+//! fake `/sys`); the table and signature checks follow with probes and
+//! decide a `Plan`, which [`apply`] carries out step by step.
 //!
 //! Everything that could make this destructive is checked first, while the
 //! disk is untouched: a partition, `/` or `/boot`, holders, mounts, swap,
@@ -463,11 +464,68 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
         return Ok(());
     }
 
-    // From here on the disk changes.
+    let plan = Plan {
+        ours: ours.is_some(),
+        kernel_p1,
+        wipe_disk,
+        need_mkfs,
+        fs_uuid,
+        part_guid,
+        fstab_text,
+        line,
+        fstab_done,
+        mounted_ok,
+    };
+    let layout = Layout { kparts, devnums, first, last };
+    apply(r, system, p, &disk, &layout, plan, _lock, d)
+}
+
+/// What the inspection decided, for [`apply`]: each step runs only if its
+/// result is not there yet.
+struct Plan {
+    /// The disk already has this agent's partition (no partitioning).
+    ours: bool,
+    /// Partition 1 as the kernel shows it, if it does.
+    kernel_p1: Option<Block>,
+    /// `force` given on a disk that is not empty: wipe it first.
+    wipe_disk: bool,
+    need_mkfs: bool,
+    fs_uuid: String,
+    part_guid: String,
+    /// The fstab as read, and the line this job adds (unless `fstab_done`).
+    fstab_text: String,
+    line: String,
+    fstab_done: bool,
+    /// Partition 1 is mounted at the mount point already.
+    mounted_ok: bool,
+}
+
+/// The steps that change the disk, each only when needed: table, kernel
+/// view, mkfs (the lock released after it), mount point, fstab, mount.
+#[allow(clippy::too_many_arguments)] // the run's context, its layout and plan, the lock it hands over
+fn apply(
+    r: &Runner,
+    system: &System,
+    p: &InitializeRequest,
+    disk: &Block,
+    layout: &Layout,
+    plan: Plan,
+    _lock: lock::DiskLock,
+    d: &mut InitializeReport,
+) -> Result<(), DiskError> {
+    let refuse = |m: String| Err(DiskError::Refused(m));
+    let Plan { ours, kernel_p1, wipe_disk, need_mkfs, fs_uuid, part_guid, fstab_text, line, fstab_done, mounted_ok } =
+        plan;
+    let Layout { kparts, first, last, .. } = layout;
+    let (first, last) = (*first, *last);
+    let (sys, fstab_path, mp) = (&system.sys, &system.fstab, p.mount_point.as_str());
+    let disk_node = disk.node.to_string_lossy().into_owned();
+    let lbs = disk.logical_block_size;
+    let part_size_bytes = (last - first + 1) * lbs;
     let mut steps: Vec<&str> = Vec::new();
-    if ours.is_none() {
+    if !ours {
         if wipe_disk {
-            for (_, n) in &kparts {
+            for (_, n) in kparts {
                 r.run_ok("wipefs", &["--all", &format!("/dev/{n}")])?;
             }
             r.run_ok("wipefs", &["--all", &disk_node])?;
@@ -490,7 +548,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
     // re-read on sgdisk's request, some (without table parsers, or with a
     // partition busy) do not: tell it through BLKPG when needed.
     let part_node = if r.dry_run() {
-        if ours.is_none() || kernel_p1.is_none() {
+        if !ours || kernel_p1.is_none() {
             r.run_ok("partx", &["--update", &disk_node])?;
         }
         kernel_p1
@@ -628,7 +686,7 @@ fn initialize(r: &Runner, system: &System, p: &InitializeRequest, d: &mut Initia
     d.message = if r.dry_run() {
         format!("dry run: plan to initialize {disk_node} computed")
     } else {
-        let resumed = if ours.is_some() { " (finishing an earlier, interrupted run)" } else { "" };
+        let resumed = if ours { " (finishing an earlier, interrupted run)" } else { "" };
         format!(
             "{disk_node} initialized{resumed}: {} on {part_node} (UUID {fs_uuid}), in {} and mounted at {mp}; steps: {}",
             p.filesystem,

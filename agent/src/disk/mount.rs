@@ -68,18 +68,17 @@ pub fn mounts_through_systemd(fstab: &Path) -> bool {
 /// Returns how it was mounted.
 pub fn mount_via_fstab(runner: &Runner, fstab: &Path, mount_point: &str) -> Result<String> {
     if mounts_through_systemd(fstab) {
-        let esc =
-            runner.probe("systemd-escape", &["--path", "--suffix=mount", mount_point]).map_err(|e| anyhow!("{e}"))?;
+        let esc = runner.probe("systemd-escape", &["--path", "--suffix=mount", mount_point])?;
         let unit = esc.stdout.trim().to_string();
         if esc.code != 0 || unit.is_empty() {
             return Err(anyhow!("systemd-escape failed for {mount_point}: {}", esc.stderr.trim()));
         }
-        runner.run_ok("systemctl", &["daemon-reload"]).map_err(|e| anyhow!("{e}"))?;
-        runner.run_ok("systemctl", &["start", &unit]).map_err(|e| anyhow!("{e}"))?;
+        runner.run_ok("systemctl", &["daemon-reload"])?;
+        runner.run_ok("systemctl", &["start", &unit])?;
         Ok(format!("systemd unit {unit}"))
     } else {
         let f = fstab.to_string_lossy().into_owned();
-        runner.run_ok("mount", &["--fstab", &f, mount_point]).map_err(|e| anyhow!("{e}"))?;
+        runner.run_ok("mount", &["--fstab", &f, mount_point])?;
         Ok(if systemd_is_pid1() {
             format!("mount --fstab {f} (not the system fstab, so not through systemd)")
         } else {
@@ -123,7 +122,7 @@ impl TempMount {
 
     pub fn finish(mut self, runner: &Runner) -> Result<()> {
         self.mounted = false;
-        runner.run_ok("umount", &[&self.path()]).map_err(|e| anyhow!("{e}"))?;
+        runner.run_ok("umount", &[&self.path()])?;
         if !runner.dry_run() {
             let _ = fs::remove_dir(&self.dir);
         }
@@ -148,7 +147,7 @@ pub fn clean_stale_temp_mounts(runner: &Runner, state_dir: &Path) -> Result<Vec<
     let mut done = Vec::new();
     for m in mounts()? {
         if Path::new(&m.mount_point).starts_with(&root) {
-            runner.run_ok("umount", &[&m.mount_point]).map_err(|e| anyhow!("{e}"))?;
+            runner.run_ok("umount", &[&m.mount_point])?;
             if !runner.dry_run() {
                 let _ = fs::remove_dir(&m.mount_point);
             }

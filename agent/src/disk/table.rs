@@ -142,7 +142,7 @@ pub fn render_dump(text: &str) -> Result<String> {
 /// The table on `disk_path` and its `sfdisk --dump` form (rendered from the
 /// same one `sfdisk --json` run), or None when it has none.
 pub fn read_with_dump(runner: &Runner, disk_path: &str) -> Result<Option<(Table, String)>> {
-    let out = runner.probe("sfdisk", &["--json", disk_path]).map_err(|e| anyhow!("{e}"))?;
+    let out = runner.probe("sfdisk", &["--json", disk_path])?;
     if out.code != 0 {
         if out.stderr.contains("does not contain a recognized partition table") {
             return Ok(None);
