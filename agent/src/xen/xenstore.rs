@@ -363,6 +363,7 @@ pub fn with_transaction<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xen::xs_wire::tests::msg;
 
     use std::os::unix::net::UnixListener;
 
@@ -383,15 +384,6 @@ mod tests {
             std::thread::sleep(Duration::from_secs(2));
         });
         (dir, sock)
-    }
-
-    fn msg(t: u32, req: u32, body: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        for v in [t, req, 0, u32::try_from(body.len()).unwrap()] {
-            m.extend_from_slice(&v.to_le_bytes());
-        }
-        m.extend_from_slice(body);
-        m
     }
 
     #[test]

@@ -314,10 +314,11 @@ pub(super) fn trim_nul(b: &[u8]) -> &[u8] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn msg(t: u32, req: u32, body: &[u8]) -> Vec<u8> {
+    /// A wire message: header (type, request id, transaction 0, length), body.
+    pub(crate) fn msg(t: u32, req: u32, body: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
         for v in [t, req, 0, u32::try_from(body.len()).unwrap()] {
             m.extend_from_slice(&v.to_le_bytes());
