@@ -439,4 +439,16 @@ mod tests {
         // docs/protocol.md: MAX_BODY_BYTES = 4 MiB, both ways.
         assert_eq!(super::MAX_BODY_BYTES, 4 * 1024 * 1024);
     }
+
+    #[test]
+    fn initialize_disk_defaults_to_ext4_and_no_force() {
+        // A job that names neither gets ext4, and nothing is overwritten.
+        let p: InitializeDiskParams =
+            serde_json::from_value(json!({"device": "/dev/xvdb", "mount_point": "/data"})).unwrap();
+        assert_eq!((p.filesystem.as_str(), p.force), ("ext4", false));
+        let p: InitializeDiskParams =
+            serde_json::from_value(json!({"device": "/dev/xvdb", "mount_point": "/data", "filesystem": "xfs"}))
+                .unwrap();
+        assert_eq!(p.filesystem, "xfs");
+    }
 }
