@@ -1352,4 +1352,16 @@ mod tests {
             }
         }
     }
+
+    /// Every scenario the matrix has is in CI (issue 9: every scenario on
+    /// every image), each once: a scenario added to SCENARIOS without
+    /// joining CI_SCENARIOS, or a name there that no scenario has, fails.
+    #[test]
+    fn ci_runs_every_scenario_once() {
+        let ci = crate::vm::CI_SCENARIOS;
+        for s in SCENARIOS {
+            assert_eq!(ci.iter().filter(|n| **n == s.name).count(), 1, "{} in CI_SCENARIOS", s.name);
+        }
+        assert_eq!(ci.len(), SCENARIOS.len(), "CI_SCENARIOS names a scenario that does not exist");
+    }
 }
