@@ -316,7 +316,7 @@ fn dispatch(cli: Args) -> Result<i32> {
         "inventory" => {
             let cfg = load_quiet(&cli.config)?;
             setup_logging(&cfg, false);
-            crate::disk::print_inventory(json)?;
+            crate::disk::print_inventory(&crate::guest::fsreport::inventory()?, json)?;
             Ok(0)
         }
         "exec" => {

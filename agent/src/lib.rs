@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod disk;
 pub mod failpoint;

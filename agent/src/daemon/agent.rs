@@ -111,7 +111,7 @@ impl Agent {
     fn current_inventory(&mut self) -> Value {
         let fresh = self.inventory.as_ref().is_some_and(|(t, _)| t.elapsed() < INVENTORY_MAX_AGE);
         if !fresh {
-            let inv = crate::disk::inventory().unwrap_or_else(|e| {
+            let inv = crate::guest::fsreport::inventory().unwrap_or_else(|e| {
                 tracing::warn!("check-in without a disk inventory: {e:#}");
                 Value::Null
             });
@@ -236,7 +236,8 @@ impl Agent {
         ctx.cancel = self.shared.cancel.clone();
         if crate::guest::freeze::blocks(&self.cfg.state_dir) {
             // Nothing may be written to a frozen state directory.
-            let r = crate::guest::freeze::run_while_frozen(&ctx, &job, &self.cfg.allowed_operations);
+            let r = crate::guest::freeze::refuse_while_frozen(&job)
+                .unwrap_or_else(|| jobs::execute(&ctx, &job, &self.cfg.allowed_operations));
             self.unspooled.push(r);
             return Ok(());
         }

@@ -37,6 +37,7 @@ fn fs_info(r: &Runner, b: &Block, mounts: &[Mount], room_after: u64) -> Value {
 
 /// The inventory of this machine's disks, as JSON, with each disk's Xen
 /// VBD number where the guest is on Xen (and every VBD under `xen_vbds`).
+/// The check-in adds `filesystems` to it (`guest::fsreport::inventory`).
 pub fn inventory() -> Result<Value> {
     let mut inv = inventory_with(&Sys::default(), &Runner::new(false))?;
     let vbds = crate::xen::list_vbds().unwrap_or_else(|e| {
@@ -44,7 +45,6 @@ pub fn inventory() -> Result<Value> {
         Vec::new()
     });
     attach_vbds(&mut inv, &vbds);
-    inv["filesystems"] = crate::guest::fsreport::report();
     Ok(inv)
 }
 
@@ -195,13 +195,12 @@ pub fn render_table(inv: &Value) -> String {
     out
 }
 
-/// `xcp-vm-agent inventory [--json]`.
-pub fn print_inventory(json: bool) -> Result<()> {
-    let inv = inventory()?;
+/// `xcp-vm-agent inventory [--json]`: `inv` as JSON or as a table.
+pub fn print_inventory(inv: &Value, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&inv)?);
+        println!("{}", serde_json::to_string_pretty(inv)?);
     } else {
-        print!("{}", render_table(&inv));
+        print!("{}", render_table(inv));
     }
     Ok(())
 }

@@ -43,8 +43,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use crate::jobs::{now_unix, Job, JobContext, JobResult};
-use crate::logging::rfc3339;
+use crate::context::JobContext;
+use crate::logging::{now_unix, rfc3339};
+use crate::protocol::{Job, JobResult};
 
 const FIFREEZE: u64 = 0xC004_5877; // _IOWR('X', 119, int)
 const FITHAW: u64 = 0xC004_5878; // _IOWR('X', 120, int)
@@ -606,12 +607,13 @@ pub fn defer(r: &JobResult) {
     UNFINISHED.lock().unwrap_or_else(PoisonError::into_inner).push(r.clone());
 }
 
-/// Run a job that arrived while the state directory is frozen (nothing is
-/// recorded for it): Freeze and Thaw run (both are safe to repeat);
-/// anything else is refused.
-pub fn run_while_frozen(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
+/// A job that arrived while the state directory is frozen (nothing is
+/// recorded for it): Freeze and Thaw run (both are safe to repeat: None,
+/// the daemon runs it through `jobs::execute`); anything else is refused
+/// (the result).
+pub fn refuse_while_frozen(job: &Job) -> Option<JobResult> {
     if matches!(job.operation.as_str(), "FreezeFilesystems" | "ThawFilesystems") {
-        return crate::jobs::execute(ctx, job, allowed);
+        return None;
     }
     let mut r = JobResult::refused(format!(
         "the agent's state directory is frozen until {}; only ThawFilesystems and FreezeFilesystems run meanwhile",
@@ -620,7 +622,7 @@ pub fn run_while_frozen(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobR
     r.job_id = job.id.clone();
     r.operation = job.operation.clone();
     r.finished_at = now_unix();
-    r
+    Some(r)
 }
 
 /// Once the state directory is writable again, spool what was kept in

@@ -1,11 +1,14 @@
 //! The filesystem report of the check-in inventory (`filesystems`: each
 //! mounted local filesystem with type, device, UUID, size, used, free and
-//! whether it is frozen) and TrimFilesystems (`FITRIM`, bytes trimmed).
+//! whether it is frozen), the inventory with it (`disk::inventory` plus this
+//! report: what the check-in and `xcp-vm-agent inventory` show) and
+//! TrimFilesystems (`FITRIM`, bytes trimmed).
 use nix::libc;
 use serde_json::{json, Value};
 use std::os::fd::AsRawFd;
 
-use crate::jobs::{JobContext, JobResult};
+use crate::context::JobContext;
+use crate::protocol::JobResult;
 
 const FITRIM: u64 = 0xC018_5879; // _IOWR('X', 121, struct fstrim_range)
 
@@ -55,6 +58,14 @@ pub fn report() -> Value {
         }));
     }
     Value::Array(out)
+}
+
+/// The check-in inventory (and `xcp-vm-agent inventory`'s): the disks
+/// (`disk::inventory`) and [`report`] as `filesystems`.
+pub fn inventory() -> anyhow::Result<Value> {
+    let mut inv = crate::disk::inventory()?;
+    inv["filesystems"] = report();
+    Ok(inv)
 }
 
 /// TrimFilesystems.

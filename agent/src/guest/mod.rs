@@ -11,7 +11,7 @@ pub mod freeze;
 pub mod fsreport;
 pub mod power;
 
-use crate::jobs::JobResult;
+use crate::protocol::JobResult;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;

@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::jobs::{now_unix, JobContext, JobResult};
+use crate::context::JobContext;
+use crate::logging::now_unix;
+use crate::protocol::JobResult;
 
 pub const HOOK_ENV: &str = "XCP_AGENT_POWER_HOOK";
 const PENDING: &str = "power-pending.json";

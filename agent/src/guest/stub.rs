@@ -4,7 +4,7 @@
 #![allow(clippy::ptr_arg)]
 
 pub mod freeze {
-    use crate::jobs::{Job, JobContext, JobResult};
+    use crate::protocol::{Job, JobResult};
     pub fn in_force() -> Option<()> {
         None
     }
@@ -12,8 +12,8 @@ pub mod freeze {
         false
     }
     pub fn defer(_: &JobResult) {}
-    pub fn run_while_frozen(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
-        crate::jobs::execute(ctx, job, allowed)
+    pub fn refuse_while_frozen(_: &Job) -> Option<JobResult> {
+        None
     }
     pub fn settle(_: &mut crate::state::State, _: &mut Vec<JobResult>) -> anyhow::Result<()> {
         Ok(())
@@ -29,5 +29,10 @@ pub mod power {
 pub mod fsreport {
     pub fn report() -> serde_json::Value {
         serde_json::Value::Null
+    }
+    pub fn inventory() -> anyhow::Result<serde_json::Value> {
+        let mut inv = crate::disk::inventory()?;
+        inv["filesystems"] = report();
+        Ok(inv)
     }
 }

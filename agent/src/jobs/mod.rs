@@ -12,40 +12,15 @@ pub mod run_script;
 pub mod scope;
 
 use serde_json::Value;
-use std::path::PathBuf;
 
+pub use crate::context::JobContext;
 use crate::protocol::Operation;
 pub use crate::protocol::{Job, JobResult, Status};
-use crate::runner::Runner;
 
 /// Every operation this agent can run, in the names the protocol uses
 /// (`protocol::Operation::NAMES`; without the `guest` feature, the three
 /// that are not guest control).
 pub const OPERATIONS: &[&str] = Operation::NAMES;
-
-/// Everything an operation may use besides its parameters.
-pub struct JobContext {
-    pub state_dir: PathBuf,
-    pub fstab_path: PathBuf,
-    pub runner: Runner,
-    /// Where xenstore lives, for `{"xen_vbd": N}` targets (None: autodetect).
-    pub xenstore_path: Option<PathBuf>,
-    /// Set when the agent is shutting down: long jobs (RunScript) stop and
-    /// answer `interrupted`.
-    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl JobContext {
-    pub fn new(state_dir: PathBuf, fstab_path: PathBuf, dry_run: bool) -> Self {
-        JobContext {
-            state_dir,
-            fstab_path,
-            runner: Runner::new(dry_run),
-            xenstore_path: None,
-            cancel: Default::default(),
-        }
-    }
-}
 
 /// Parse a job's params into a typed struct, answering `refused` with the
 /// serde message (which names the field) when they do not fit.

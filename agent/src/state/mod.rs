@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use crate::protocol::{Job, JobResult, Status};
 
 mod durable;
+pub mod running;
 mod seen;
 
 pub use durable::write_atomic;
@@ -190,20 +191,20 @@ impl State {
                 let _ = fs::remove_file(dir.join(format!("{stem}.lock")));
                 continue;
             }
-            match crate::jobs::scope::check(&self.dir, stem, true) {
-                crate::jobs::scope::Runner::Running => {
+            match running::check(&self.dir, stem, true) {
+                running::Runner::Running => {
                     self.record_seen(&id)?;
                     self.adopted.push(stem.into());
                     continue;
                 }
-                crate::jobs::scope::Runner::Ended => continue,
-                crate::jobs::scope::Runner::Lost(Some(r)) => {
+                running::Runner::Ended => continue,
+                running::Runner::Lost(Some(r)) => {
                     // Its runner could not spool it (full disk).
                     self.record_seen(&id)?;
                     finish_in(&self.dir, &r)?;
                     continue;
                 }
-                crate::jobs::scope::Runner::Lost(None) => {}
+                running::Runner::Lost(None) => {}
             }
             let mut r = JobResult::new(
                 Status::Interrupted,
