@@ -87,14 +87,15 @@ pub struct Env {
 }
 
 /// The cells `cargo xtask test` runs (CI fails on any red or missing one):
-/// the images and scenarios proven green here. docs/vm-tests.md says which
-/// of the 70 cells are not in yet and why. Empty = all.
-/// Slowest first (the run starts the main chains in this order).
-/// debian-11 waits for the udev fix (its initialize-* cells are red),
-/// debian-12-openrc for runs of its own (docs/vm-tests.md, the grid).
-pub const CI_IMAGES: &[&str] = &["debian-12-genericcloud", "debian-13", "debian-12-sysvinit", "debian-12"];
+/// every image built here ([`image::IMAGES`]) x every scenario, each proven
+/// green here before it joined (docs/vm-tests.md); tests check none is left
+/// out. debian-11 joined with the udev re-probe (2e0c2b5), debian-12-openrc
+/// after runs of its own. Slowest first (the run starts the main chains in
+/// this order).
+pub const CI_IMAGES: &[&str] =
+    &["debian-12-genericcloud", "debian-13", "debian-12-sysvinit", "debian-12", "debian-12-openrc", "debian-11"];
 /// Every scenario (freeze-deadline joined once the thaw guard ran in a
-/// scope of its own, c084026: docs/vm-tests.md); a test checks none is left out.
+/// scope of its own, c084026).
 pub const CI_SCENARIOS: &[&str] = &[
     "install",
     "check-in",

@@ -1364,4 +1364,15 @@ mod tests {
         }
         assert_eq!(ci.len(), SCENARIOS.len(), "CI_SCENARIOS names a scenario that does not exist");
     }
+
+    /// Every image built here (genericcloud included) is in CI, each once;
+    /// catalogue images need a download and run in the cloud workflow.
+    #[test]
+    fn ci_runs_every_built_image_once() {
+        let ci = crate::vm::CI_IMAGES;
+        for i in crate::vm::image::IMAGES {
+            assert_eq!(ci.iter().filter(|n| **n == i.name).count(), 1, "{} in CI_IMAGES", i.name);
+        }
+        assert_eq!(ci.len(), crate::vm::image::IMAGES.len(), "CI_IMAGES names an image that is not built here");
+    }
 }
