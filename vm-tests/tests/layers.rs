@@ -3,8 +3,8 @@
 //! from `crate::jobs` or `crate::protocol` (the jobs adapt to it, never the
 //! other way), and `protocol.rs` imports nothing from the rest of the agent.
 //! No import circle between the agent's top-level modules (the graph of
-//! their `crate::` paths). A `use` that would make a layer loop again fails
-//! here.
+//! their `crate::` paths), and no agent source file over 700 lines. A `use`
+//! that would make a layer loop again fails here.
 use std::path::{Path, PathBuf};
 
 fn agent_src() -> PathBuf {
@@ -191,4 +191,28 @@ fn the_circle_scan_finds_a_circle() {
     std::fs::write(t.path().join("c.rs"), "use crate::a::{self, Y};\n").unwrap();
     let c = circles(&import_graph(t.path()));
     assert_eq!(c, ["a -> b (a.rs), b -> c (b/inner.rs), c -> a (c.rs)"], "{c:?}");
+}
+
+/// The `.rs` files under `dir` longer than `max` lines, as `path: N lines`.
+fn longer_than(dir: &Path, max: usize) -> Vec<String> {
+    let mut long: Vec<String> = code_of(dir)
+        .into_iter()
+        .filter(|(_, lines)| lines.len() > max)
+        .map(|(f, lines)| format!("{}: {} lines", f.display(), lines.len()))
+        .collect();
+    long.sort();
+    long
+}
+
+#[test]
+fn every_agent_module_is_at_most_700_lines() {
+    let long = longer_than(&agent_src(), 700);
+    assert!(long.is_empty(), "agent modules over 700 lines (docs/architecture.md, split them):\n{}", long.join("\n"));
+    // The count itself.
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("a.rs"), "x\n".repeat(701)).unwrap();
+    std::fs::write(t.path().join("b.rs"), "x\n".repeat(700)).unwrap();
+    let long = longer_than(t.path(), 700);
+    assert_eq!(long.len(), 1, "{long:?}");
+    assert!(long[0].ends_with("a.rs: 701 lines"), "{long:?}");
 }

@@ -207,9 +207,18 @@ mod tests {
         let demo: BTreeSet<&str> = DEMO_PACKAGES.iter().map(|(p, _)| *p).chain(ESSENTIAL.iter().copied()).collect();
         let mut used = BTreeSet::new();
         used.extend(tools_in("xtask/src/demo.rs", &known));
-        for e in std::fs::read_dir(crate::util::root().join("agent/src/disk")).unwrap() {
-            let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            used.extend(tools_in(&format!("agent/src/disk/{name}"), &known));
+        // Every file under agent/src/disk, its subdirectories (initialize/) too.
+        let mut dirs = vec!["agent/src/disk".to_string()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(crate::util::root().join(&d)).unwrap() {
+                let e = e.unwrap();
+                let path = format!("{d}/{}", e.file_name().to_string_lossy());
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(path);
+                } else {
+                    used.extend(tools_in(&path, &known));
+                }
+            }
         }
         assert!(used.contains("sfdisk") && used.contains("growpart"), "the scan found no tools: {used:?}");
         let uncovered: Vec<&String> =
