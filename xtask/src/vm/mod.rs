@@ -461,19 +461,21 @@ fn run_unit(sched: &Sched, i: usize, chain: &'static str, env: &Env, scens: &[&'
         b.clone().unwrap()
     };
     let t = Instant::now();
-    let rows = match built {
+    let (rows, versions) = match built {
         Ok(b) => run_chain(img, &b, env, chain, scens),
         Err(e) => {
             let msg = format!("image build failed: {e}");
-            scens
+            let rows = scens
                 .iter()
                 .filter(|s| s.chain == chain)
                 .map(|s| Row::new(img, s.name, false, 0.0, &msg, "image build", None, String::new()))
-                .collect()
+                .collect();
+            (rows, vec![])
         }
     };
     let mut res = sched.results[i].lock().unwrap();
     res.seconds += t.elapsed().as_secs_f64();
+    res.versions.extend(versions);
     res.rows.extend(rows);
     let mut left = sched.chains_left[i].lock().unwrap();
     *left -= 1;
@@ -489,7 +491,8 @@ fn run_unit(sched: &Sched, i: usize, chain: &'static str, env: &Env, scens: &[&'
     }
 }
 
-/// The scenarios of one chain on a fresh overlay of the image; a row each.
+/// The scenarios of one chain on a fresh overlay of the image; a row each,
+/// and the tool versions the chain read in the guest (cloud images).
 /// A scenario's `needs` are scenarios of the same chain (unit test
 /// `needs_are_earlier_in_the_same_chain`).
 fn run_chain(
@@ -498,7 +501,7 @@ fn run_chain(
     env: &Env,
     chain: &'static str,
     scens: &[&'static scenario::Scenario],
-) -> Vec<Row> {
+) -> (Vec<Row>, Vec<(String, String)>) {
     let mut rows = Vec::new();
     let dir = env.run_dir.join(img.name).join(chain);
     let mut ctx = match scenario::Ctx::new(img, built, env, dir, chain) {
@@ -508,7 +511,7 @@ fn run_chain(
                 let m = format!("cannot set up the chain: {e:#}");
                 rows.push(Row::new(img, s.name, false, 0.0, &m, "setup", None, String::new()));
             }
-            return rows;
+            return (rows, vec![]);
         }
     };
     let mut passed: Vec<&str> = Vec::new();
@@ -537,7 +540,7 @@ fn run_chain(
     if let Some(mut vm) = ctx.vm.take() {
         vm.kill();
     }
-    rows
+    (rows, ctx.versions)
 }
 
 fn one_line(s: &str, n: usize) -> String {

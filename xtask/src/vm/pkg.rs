@@ -116,6 +116,40 @@ pub fn summary(p: Package, out: &str) -> String {
     pick.unwrap_or("").trim().to_string()
 }
 
+/// Prints `key=value` lines, the versions of the tools the report lists
+/// (the keys of an image built here: kernel, growpart, e2fsprogs, xfsprogs,
+/// util-linux, lvm2, init, openrc), read in a booted guest from the tools
+/// themselves, and for growpart (which has no `--version`) from the package
+/// that owns it: how a cloud image, built elsewhere, gets its column of the
+/// report. A tool that is missing prints nothing.
+pub fn tool_versions(p: Package) -> String {
+    let owner = match p {
+        Package::Deb => "dpkg-query -W -f '${Version}' \"$(dpkg-query -S \"$g\" | sed 's/:.*//')\"",
+        Package::Rpm => "rpm -qf --qf '%{VERSION}-%{RELEASE}' \"$g\"",
+        Package::Apk => "apk info -W \"$g\" | sed 's/.* is owned by //'",
+    };
+    format!(
+        "echo \"kernel=$(uname -r)\"; \
+         g=$(command -v growpart) && echo \"growpart=$({owner} 2>/dev/null)\"; \
+         command -v mke2fs >/dev/null && echo \"e2fsprogs=$(mke2fs -V 2>&1 | sed -n '1s/^mke2fs \\([^ ]*\\).*/\\1/p')\"; \
+         command -v xfs_growfs >/dev/null && echo \"xfsprogs=$(xfs_growfs -V 2>&1 | sed -n '1s/.* //p')\"; \
+         command -v findmnt >/dev/null && echo \"util-linux=$(findmnt -V 2>&1 | sed -n '1s/.* //p')\"; \
+         command -v lvm >/dev/null && echo \"lvm2=$(lvm version 2>/dev/null | sed -n 's/^ *LVM version: *\\([^ ]*\\).*/\\1/p')\"; \
+         command -v systemctl >/dev/null && echo \"init=$(systemctl --version | sed -n '1s/^systemd [0-9]* (\\(.*\\))/\\1/p')\"; \
+         command -v openrc >/dev/null && echo \"openrc=$(openrc --version | sed -n '1s/^openrc (OpenRC) \\([^ ]*\\).*/\\1/p')\"; \
+         true"
+    )
+}
+
+/// The `key=value` lines of [`tool_versions`], empty values dropped.
+pub fn parse_versions(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| l.trim().split_once('='))
+        .filter(|(k, v)| !k.is_empty() && !v.trim().is_empty())
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 /// Every package-format command of `p` (the test and `--check-catalogue`
 /// check each of them).
@@ -126,6 +160,7 @@ pub fn all(p: Package) -> Vec<(&'static str, String)> {
         ("purge", purge(p)),
         ("installed_version", installed_version(p)),
         ("not_installed", not_installed(p)),
+        ("tool_versions", tool_versions(p)),
     ];
     if let Some(f) = new_config_beside(p) {
         v.push(("new_config_beside", format!("[ -f {f} ]")));
@@ -402,5 +437,20 @@ mod tests {
         assert!(!run(with(not_installed(Package::Deb), "dpkg")).0, "dpkg is installed");
         assert!(!run(with(installed_version(Package::Deb), "no-such-package-here")).0);
         assert!(run(with(not_installed(Package::Deb), "no-such-package-here")).0);
+    }
+
+    /// The tool-version probe, run for real on this machine (Debian): the
+    /// report's keys with the versions this machine's tools print.
+    #[test]
+    fn the_version_probe_reads_this_machine() {
+        let o = std::process::Command::new("dash").arg("-c").arg(tool_versions(Package::Deb)).output().unwrap();
+        assert!(o.status.success());
+        let v = parse_versions(&String::from_utf8_lossy(&o.stdout));
+        let get = |k: &str| v.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        assert!(!get("kernel").is_empty(), "{v:?}");
+        assert!(get("growpart").starts_with("0."), "{v:?}");
+        assert!(get("e2fsprogs").starts_with("1."), "{v:?}");
+        assert!(get("util-linux").starts_with("2."), "{v:?}");
+        assert!(get("xfsprogs").chars().next().is_some_and(|c| c.is_ascii_digit()), "{v:?}");
     }
 }

@@ -103,6 +103,9 @@ pub struct Ctx<'a> {
     pub deadline: Instant,
     pub step: String,
     pub notes: BTreeMap<String, String>,
+    /// Tool versions read in the booted guest (cloud images: the report's
+    /// versions of an image not built here), from [`pkg::tool_versions`].
+    pub versions: Vec<(String, String)>,
     pub transcript: std::fs::File,
 }
 
@@ -141,6 +144,7 @@ impl<'a> Ctx<'a> {
             deadline: Instant::now(),
             step: String::new(),
             notes: BTreeMap::new(),
+            versions: Vec::new(),
             transcript,
         })
     }
@@ -492,6 +496,8 @@ fn install_by_cloud_init(c: &mut Ctx) -> Result<String> {
     )?;
     let pid = c.sh_ok(init.service_pid())?;
     ensure!(!pid.trim().is_empty(), "no xcp-vm-agent process");
+    c.set_step("tool versions for the report");
+    c.versions = pkg::parse_versions(&c.sh_ok(&pkg::tool_versions(cloud.package))?);
     let setting_up = pkg::summary(cloud.package, &log);
     Ok(format!(
         "cloud-init: `{}` exited 0 ({setting_up}); config and certificates from user-data; enabled and running under {} (pid {})",
