@@ -25,6 +25,7 @@ use super::{DiskError, Stopped, System};
 use crate::failpoint;
 use crate::runner::Runner;
 use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
 use std::time::Duration;
 
 /// What to grow: the target, and optionally one logical volume (`vg/lv`)
@@ -36,30 +37,50 @@ pub struct ExtendRequest {
 }
 
 /// What ExtendPartition found and did, as far as it got (also when it was
-/// refused or failed). Absent fields were not reached.
-#[derive(Debug, Default)]
+/// refused or failed). Absent fields were not reached and are left out of
+/// its serialization (the job's `details`); the message and `changed` are
+/// the result's own.
+#[derive(Debug, Default, Serialize)]
 pub struct ExtendReport {
     /// The outcome in one sentence.
+    #[serde(skip)]
     pub message: String,
     /// Whether anything changed (`succeeded`) or not (`no_change`).
+    #[serde(skip)]
     pub changed: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stale_temp_mounts_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub logical_sector_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_bytes_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub filesystem: Option<String>,
     /// Where the partition is mounted (`Some(None)`: not mounted).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mount_point: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_table: Option<String>,
     /// The table before any change, as `sfdisk --dump` text.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub table_before: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_growable_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_bytes_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub filesystem_bytes_before: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub filesystem_bytes_after: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<Growth>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub notes: Option<Vec<String>>,
 }
 

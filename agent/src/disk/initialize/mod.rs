@@ -32,6 +32,7 @@ use super::{DiskError, Stopped, System};
 use crate::failpoint;
 use crate::runner::Runner;
 use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -55,23 +56,36 @@ pub struct InitializeRequest {
 }
 
 /// What InitializeDisk found and did, as far as it got (also when it was
-/// refused or failed). Absent fields were not reached.
-#[derive(Debug, Default)]
+/// refused or failed). Absent fields were not reached and are left out of
+/// its serialization (the job's `details`); the message and `changed` are
+/// the result's own.
+#[derive(Debug, Default, Serialize)]
 pub struct InitializeReport {
     /// The outcome in one sentence.
+    #[serde(skip)]
     pub message: String,
     /// Whether anything changed (`succeeded`) or not (`no_change`).
+    #[serde(skip)]
     pub changed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
     /// What `force` overwrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub overwritten: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mount_point: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fstab_line: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fstab: Option<String>,
     /// Partition 1's node (`Some(None)`: the kernel does not show it).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub filesystem_uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mount_method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<&'static str>>,
 }
 
