@@ -273,24 +273,4 @@ mod tests {
         assert_eq!(stored, copy.iter().map(|&b| u32::from(b)).sum::<u32>());
         assert_eq!(&h[257..262], b"ustar");
     }
-
-    #[test]
-    fn build_is_deterministic_and_checks() {
-        let files = vec![Entry::dir("usr/bin", 0o755), Entry::file("usr/bin/x", 0o755, b"hello".to_vec())];
-        let meta = Meta {
-            name: "x",
-            version: "1.0.0-r0",
-            description: "d",
-            url: "https://example.invalid",
-            license: "MIT",
-            packager: "p",
-            arch: "x86_64",
-            depends: &["busybox"],
-            builddate: 1_700_000_000,
-        };
-        let a = build(&meta, &[(".post-install", b"#!/bin/sh\n".to_vec())], &files).unwrap();
-        let b = build(&meta, &[(".post-install", b"#!/bin/sh\n".to_vec())], &files).unwrap();
-        assert_eq!(a, b);
-        crate::apkcheck::check_bytes(&a).unwrap();
-    }
 }

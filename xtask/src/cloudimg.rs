@@ -368,15 +368,16 @@ certificates and installs the .deb from the FILES disk with the catalogue's
 debian-12 `install` command; then every scenario of the matrix runs.
 ";
 
-/// `cargo xtask vm-cloud`: `vm-test --image debian-12-genericcloud`.
-pub fn run(args: &[String]) -> Result<()> {
+/// `cargo xtask vm-cloud`: the arguments of `vm-test --image
+/// debian-12-genericcloud` (main.rs runs it); None after `--help`.
+pub fn vm_args(args: &[String]) -> Option<Vec<String>> {
     if args.iter().any(|a| a == "-h" || a == "--help") {
         print!("{HELP}");
-        return Ok(());
+        return None;
     }
     let mut v = vec!["--image".to_string(), "debian-12-genericcloud".to_string()];
     v.extend(args.iter().cloned());
-    crate::vm::run(&v)
+    Some(v)
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@ mod pkgtest;
 mod repo;
 mod repotest;
 mod setup;
-mod takeover;
 mod test;
 mod util;
 mod vm;
@@ -71,13 +70,18 @@ fn main() {
         // `dist` (which pkgtest calls) never calls pkgtest.
         "dist" if rest.first().map(String::as_str) == Some("--check") => pkgtest::run(&rest[1..]),
         "dist" => dist::run(rest),
+        // `repo --check` (the signed-repositories tier) likewise: repotest
+        // uses repo, repo never calls repotest.
+        "repo" if rest.first().map(String::as_str) == Some("--check") => repotest::run(),
         "repo" => repo::run(rest),
         "bench" => bench::run(rest),
         "mutants" => mutants::run(rest),
         "vm-test" => vm::run(rest),
         "catalogue" => catalogue::run(rest),
         "offline-test" => offlinetest::run(rest),
-        "vm-cloud" => cloudimg::run(rest),
+        // vm-cloud is vm-test with the cloud image: vm uses cloudimg's
+        // builders, cloudimg never calls vm.
+        "vm-cloud" => cloudimg::vm_args(rest).map_or(Ok(()), |v| vm::run(&v)),
         "pkgtest" => pkgtest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");

@@ -93,9 +93,6 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("{HELP}");
         return Ok(());
     }
-    if args.first().map(String::as_str) == Some("--check") {
-        return crate::repotest::run();
-    }
     let mut out = None;
     let mut base_url = None;
     let mut from = root().join("target/dist");
@@ -439,24 +436,6 @@ pub fn sign_apk(keys: &Keys, bytes: &[u8]) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-/// base64 (standard alphabet, padded).
-pub fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in data.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
-}
-
 /// The APKINDEX record of one package file (apk-tools v2 field letters).
 pub fn apkindex_record(bytes: &[u8]) -> Result<String> {
     let ms = apkcheck::members(bytes)?;
@@ -466,7 +445,7 @@ pub fn apkindex_record(bytes: &[u8]) -> Result<String> {
     let (entries, _) = apkcheck::read_tar(&control.data)?;
     let info = apkcheck::pkginfo(&String::from_utf8(entries.first().context("empty control tar")?.data.clone())?);
     let one = |k: &str| info.get(k).and_then(|v| v.first()).cloned().unwrap_or_default();
-    let mut r = format!("C:Q1{}\n", base64(&sha1::Sha1::digest(&control.compressed)));
+    let mut r = format!("C:Q1{}\n", crate::util::base64(&sha1::Sha1::digest(&control.compressed)));
     for (letter, key) in
         [("P", "pkgname"), ("V", "pkgver"), ("A", "arch"), ("S", ""), ("I", "size"), ("T", "pkgdesc"), ("U", "url")]
     {
@@ -521,16 +500,6 @@ fn apk_repo(out: &Path, found: &[PathBuf], keys: &Keys) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn base64_matches_rfc4648() {
-        let b = super::base64;
-        assert_eq!(b(b""), "");
-        assert_eq!(b(b"f"), "Zg==");
-        assert_eq!(b(b"fo"), "Zm8=");
-        assert_eq!(b(b"foo"), "Zm9v");
-        assert_eq!(b(b"foobar"), "Zm9vYmFy");
-    }
-
     #[test]
     fn client_files_never_trust_blindly() {
         let s = super::sources_file("https://r.example/x");

@@ -191,3 +191,34 @@ pub fn debian_tarball(tar: &std::path::Path, suite: &str, include: &str, what: &
     std::fs::write(&stamp, include)?;
     Ok(true)
 }
+
+/// base64 (standard alphabet, padded).
+pub fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        let b = super::base64;
+        assert_eq!(b(b""), "");
+        assert_eq!(b(b"f"), "Zg==");
+        assert_eq!(b(b"fo"), "Zm8=");
+        assert_eq!(b(b"foo"), "Zm9v");
+        assert_eq!(b(b"foobar"), "Zm9vYmFy");
+    }
+}

@@ -1,5 +1,4 @@
-//! Takeover checks (part of the packaging tier, called from
-//! [`crate::pkgtest`]): every artifact installed over the Python agent
+//! Takeover checks (part of the packaging tier, `pkgtest/mod.rs`): every artifact installed over the Python agent
 //! 1.0.3's layout, laid by the stand-in
 //! `vm-tests/fixtures/python-agent-1.0.3/install-agent.sh` into a Debian
 //! chroot that has systemd (1.0.3 supports only systemd distributions).
@@ -16,7 +15,7 @@
 //! uninstall leaves the service not enabled. The .apk's scripts run with sh
 //! over the layout too (no apk-tools here). Last, a hand-written unit
 //! (not 1.0.3's) is left byte-identical by each artifact, with a warning.
-use crate::pkgtest::{copy_in, fresh_chroot, in_chroot, processes_in};
+use super::{copy_in, fresh_chroot, in_chroot, processes_in};
 use crate::util::root;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
@@ -259,8 +258,8 @@ fn over_hand_written_unit(base: &Path, via: &Via, a: &Art) -> Result<()> {
                 ExecStart=/usr/bin/xcp-vm-agent --config /etc/xcp-vm-agent/mine.json run\n\n\
                 [Install]\nWantedBy=multi-user.target\n";
     std::fs::write(&unit, hand)?;
-    let out = install(&dir, via, a, crate::pkgtest::TEST_URL)
-        .with_context(|| format!("{} with a hand-written unit", via.name()))?;
+    let out =
+        install(&dir, via, a, super::TEST_URL).with_context(|| format!("{} with a hand-written unit", via.name()))?;
     ensure!(std::fs::read_to_string(&unit)? == hand, "{} changed the hand-written unit:\n{out}", via.name());
     ensure!(out.contains(FOREIGN), "{} did not say why the packaged unit may not be in force:\n{out}", via.name());
     ensure!(!dir.join(BACKUP).exists(), "{} made a 1.0.3 backup without 1.0.3:\n{out}", via.name());

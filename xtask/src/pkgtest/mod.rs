@@ -1,6 +1,7 @@
 //! The packaging checks (`cargo xtask test`, tier "packaging checks"; alone:
 //! `cargo xtask pkgtest [--takeover-only]`). Offline, root for the chroot
-//! parts. The takeover from the Python agent 1.0.3 is in [`crate::takeover`].
+//! parts. The takeover from the Python agent 1.0.3 is in [`takeover`] (a
+//! part of this tier: it uses the chroot helpers here).
 //!
 //! In order: shellcheck on every shell script; `systemd-analyze verify` on
 //! the unit; the APK checker proven on Alpine's own package and on broken
@@ -17,6 +18,8 @@
 //! The Debian chroot is made once by mmdebstrap (minbase plus the tools the
 //! package depends on, which proves those names exist in Debian) and cached as
 //! `target/pkgtest/debian-bookworm.tar`; each scenario unpacks a fresh copy.
+mod takeover;
+
 use crate::dist::{self, Opts};
 use crate::pkgmeta::{self, NAME};
 use crate::util::{self, in_ci, is_root, root, step};
@@ -156,7 +159,7 @@ pub fn run_tier(_args: &[String]) -> Result<bool> {
     tarball_install(&base, &tgz, &version)?;
     step("packaging: taking over from the Python agent 1.0.3 (stand-in layout, systemd chroots)");
     let sd = chroot_base_systemd()?;
-    crate::takeover::run(&sd, &deb, &rpm, &apk, &tgz, &version)?;
+    takeover::run(&sd, &deb, &rpm, &apk, &tgz, &version)?;
 
     write_figures(&n, &bin, target, &exposure)?;
     step(&format!("packaging checks passed in {:.0} s", t0.elapsed().as_secs_f64()));
@@ -174,7 +177,7 @@ fn takeover_only() -> Result<()> {
     }
     dist::package_all(&n, &bin)?;
     let sd = chroot_base_systemd()?;
-    crate::takeover::run(
+    takeover::run(
         &sd,
         &n.out.join(pkgmeta::deb_name(&version)),
         &n.out.join(pkgmeta::rpm_name(&version)),
