@@ -2,8 +2,9 @@
 //! and what each keeps"), by scanning its sources: `disk/` imports nothing
 //! from `crate::jobs` or `crate::protocol` (the jobs adapt to it, never the
 //! other way), and `protocol.rs` imports nothing from the rest of the agent.
-//! No import circle between the agent's top-level modules (the graph of
-//! their `crate::` paths), and no agent source file over 700 lines. A `use`
+//! No import circle between the agent's top-level modules nor between
+//! xtask's tasks (the graph of their `crate::` paths), and no agent source
+//! file over 700 lines. A `use`
 //! that would make a layer loop again fails here.
 use std::path::{Path, PathBuf};
 
@@ -175,6 +176,15 @@ fn no_import_circle_between_agent_modules() {
     assert!(graph.get("jobs").is_some_and(|m| m.contains_key("disk")), "the graph sees jobs -> disk: {graph:?}");
     let c = circles(&graph);
     assert!(c.is_empty(), "import circles between agent modules (docs/architecture.md, layers):\n{}", c.join("\n"));
+}
+
+#[test]
+fn no_import_circle_between_xtask_tasks() {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("xtask/src");
+    let graph = import_graph(&xtask);
+    assert!(graph.get("test").is_some_and(|m| m.contains_key("pkgtest")), "the graph sees test -> pkgtest: {graph:?}");
+    let c = circles(&graph);
+    assert!(c.is_empty(), "import circles between xtask tasks (docs/architecture.md, xtask):\n{}", c.join("\n"));
 }
 
 #[test]

@@ -77,7 +77,7 @@ fn main() {
         "bench" => bench::run(rest),
         "mutants" => mutants::run(rest),
         "vm-test" => vm::run(rest),
-        "catalogue" => catalogue::run(rest),
+        "catalogue" => vm::catalogue_check::run(rest),
         "offline-test" => offlinetest::run(rest),
         // vm-cloud is vm-test with the cloud image: vm uses cloudimg's
         // builders, cloudimg never calls vm.

@@ -74,7 +74,7 @@ pub fn run(args: &[String]) -> Result<()> {
     util::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
 
     step("ci: the cloud-image catalogue and the GitHub workflow (ci/)");
-    crate::catalogue::ci_checks(&crate::vm::scenario_names())?;
+    crate::vm::catalogue_check::ci_checks(&crate::vm::scenario_names())?;
 
     let mut tally = Tally::default();
     let mut partial: Vec<&str> = Vec::new();

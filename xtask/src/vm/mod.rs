@@ -12,6 +12,7 @@
 //! Images of the cloud kind (`debian-12-genericcloud`, and every entry of
 //! the catalogue ci/distros.toml) are booted by their own bootloader and
 //! provisioned by cloud-init ([`cloud`]); the scenarios are the same.
+pub mod catalogue_check;
 pub mod cloud;
 pub mod image;
 pub mod pkg;
@@ -167,7 +168,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--json" => list_json = Some(true),
             "--check-catalogue" => {
                 step("vm-test: checking the cloud-image catalogue ci/distros.toml and ci/github/vm-matrix.yml");
-                return crate::catalogue::ci_checks(&scenario_names());
+                return catalogue_check::ci_checks(&scenario_names());
             }
             "--offline" => {}
             "--ci" => {
