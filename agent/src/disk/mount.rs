@@ -111,7 +111,9 @@ impl TempMount {
         let d = dir.to_string_lossy().into_owned();
         runner.run_ok("mount", &["-t", fstype, &dev.to_string_lossy(), &d]).map_err(|e| {
             let _ = fs::remove_dir(&dir);
-            anyhow!("{e}")
+            // The CmdError itself (no source: the same text), so a caller
+            // can still downcast to it.
+            anyhow::Error::new(e)
         })?;
         Ok(TempMount { dir, mounted: true })
     }
