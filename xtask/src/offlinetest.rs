@@ -833,8 +833,16 @@ fn images(stage: &Path) -> Result<()> {
 
 /// install.sh --image paused after mounting (test hook), then Ctrl-C (SIGINT
 /// to its whole process group, as a terminal sends it).
+///
+/// install.sh starts with SIGINT's default disposition, as from a terminal,
+/// whatever this test was started with: a shell cannot trap a signal that
+/// was ignored when it started, and a test run started in the background of
+/// a non-interactive shell (`cmd &`, or under `nohup`) ignores SIGINT, which
+/// every child inherits (a clean-clone run started that way went on past the
+/// Ctrl-C and failed here).
 fn interrupted(stage: &Path, raw: &Path) -> Result<()> {
-    let mut child = Command::new("sh")
+    let mut child = Command::new("env")
+        .args(["--default-signal=INT", "sh"])
         .arg(stage.join("install.sh"))
         .arg("--image")
         .arg(raw)
