@@ -67,7 +67,9 @@ pub struct Config {
     pub server_cert: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub log_file: Option<PathBuf>,
-    pub allowed_operations: Vec<String>,
+    /// Parsed into the operation enum here, so `check-config` and `run`
+    /// agree: a name this agent does not know is a warning and left out.
+    pub allowed_operations: Vec<crate::protocol::Operation>,
     pub log_level: String,
     pub fstab_path: PathBuf,
     pub status_listen: Option<std::net::SocketAddr>,
@@ -169,18 +171,24 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config> {
         ClientCertSpec::Pair(c, k) => (c, k),
         ClientCertSpec::Combined(p) => (p.clone(), p),
     });
-    let allowed = raw
-        .allowed_operations
-        .unwrap_or_else(|| crate::protocol::Operation::ALL.iter().map(|o| o.name().to_string()).collect());
-    for op in &allowed {
-        if crate::protocol::Operation::parse(op).is_none() {
-            warnings.push(format!(
-                "allowed_operations in {} names {op:?}, which is not an operation of this agent ({})",
-                path.display(),
-                crate::protocol::Operation::NAMES.join(", ")
-            ));
+    let allowed = match raw.allowed_operations {
+        None => crate::protocol::Operation::ALL.to_vec(),
+        Some(names) => {
+            let mut ops = Vec::new();
+            for name in &names {
+                match crate::protocol::Operation::parse(name) {
+                    Some(op) if !ops.contains(&op) => ops.push(op),
+                    Some(_) => {}
+                    None => warnings.push(format!(
+                        "allowed_operations in {} names {name:?}, which is not an operation of this agent ({})",
+                        path.display(),
+                        crate::protocol::Operation::NAMES.join(", ")
+                    )),
+                }
+            }
+            ops
         }
-    }
+    };
     let log_level = raw.log_level.unwrap_or_else(|| "info".into()).to_ascii_lowercase();
     if !["error", "warn", "warning", "info", "debug", "trace"].contains(&log_level.as_str()) {
         bail!("log_level {log_level:?} in {} must be one of error, warn, info, debug, trace", path.display());
@@ -278,6 +286,25 @@ mod tests {
         assert_eq!(c.client_cert.unwrap().1, PathBuf::from("/etc/xcp-vm-agent/agent.key"));
         assert_eq!(c.allowed_operations.len(), crate::protocol::Operation::NAMES.len());
         assert!(c.warnings.is_empty());
+    }
+
+    /// allowed_operations is parsed into the operation enum: what `run`
+    /// allows is exactly what `check-config` reports, a name this agent
+    /// does not know is a warning (not a capability), a repeat counts once.
+    #[test]
+    fn allowed_operations_are_parsed_into_operations() {
+        use crate::protocol::Operation;
+        let c = p(r#"{"server_url": "https://x", "allowed_operations": ["RunScript", "Format", "RunScript", "ExtendPartition"]}"#)
+            .unwrap();
+        assert_eq!(c.allowed_operations, vec![Operation::RunScript, Operation::ExtendPartition]);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("names \"Format\", which is not an operation of this agent"),
+            "{:?}",
+            c.warnings
+        );
+        let c = p(r#"{"server_url": "https://x", "allowed_operations": []}"#).unwrap();
+        assert!(c.allowed_operations.is_empty());
     }
 
     #[test]

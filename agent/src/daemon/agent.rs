@@ -127,7 +127,7 @@ impl Agent {
             agent_version: crate::VERSION.to_string(),
             vm_uuid: self.identity.vm_uuid.clone(),
             identity: serde_json::to_value(&self.identity).unwrap_or(Value::Null),
-            capabilities: self.cfg.allowed_operations.clone(),
+            capabilities: self.cfg.allowed_operations.iter().map(|o| o.name().to_string()).collect(),
             metrics: serde_json::to_value(self.sampler.sample()).unwrap_or(Value::Null),
             network: serde_json::to_value(crate::metrics::network()).unwrap_or(Value::Null),
             inventory,
@@ -246,7 +246,10 @@ impl Agent {
         }
         tracing::info!(job = %job.id, operation = %job.operation, "job started");
         self.report_running(&job);
-        if scope::SCOPED.contains(&job.operation.as_str()) && self.cfg.allowed_operations.contains(&job.operation) {
+        if scope::SCOPED.contains(&job.operation.as_str())
+            && crate::protocol::Operation::parse(&job.operation)
+                .is_some_and(|o| self.cfg.allowed_operations.contains(&o))
+        {
             // In a runner of its own (jobs::scope), which spools the result.
             let stem = crate::state::file_stem(&job.id);
             match scope::launch(&self.cfg.state_dir, &stem, &self.cfg.fstab_path) {

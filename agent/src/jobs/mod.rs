@@ -43,7 +43,7 @@ pub use crate::logging::now_unix;
 
 /// Run one job to completion: allowlist check, dispatch, timing. Never
 /// panics on bad input: every problem becomes a result.
-pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
+pub fn execute(ctx: &JobContext, job: &Job, allowed: &[Operation]) -> JobResult {
     let started = std::time::Instant::now();
     let started_at = now_unix();
     let mut r = match Operation::parse(&job.operation) {
@@ -52,10 +52,10 @@ pub fn execute(ctx: &JobContext, job: &Job, allowed: &[String]) -> JobResult {
             job.operation,
             OPERATIONS.join(", ")
         )),
-        Some(_) if !allowed.iter().any(|a| a == &job.operation) => JobResult::refused(format!(
+        Some(op) if !allowed.contains(&op) => JobResult::refused(format!(
             "operation {} is not in allowed_operations ({}) of this agent's config",
             job.operation,
-            allowed.join(", ")
+            allowed.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ")
         )),
         Some(op) => match op {
             Operation::RunScript => run_script::run(ctx, &job.params),
@@ -141,11 +141,11 @@ mod tests {
     fn execute_refuses_unknown_and_not_allowed_operations() {
         let d = tempfile::tempdir().unwrap();
         let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), false);
-        let all: Vec<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
-        let r = execute(&ctx, &job("Format", json!({})), &all);
+        let all = Operation::ALL;
+        let r = execute(&ctx, &job("Format", json!({})), all);
         assert_eq!(r.status, Status::Refused);
         assert!(r.message.starts_with("unknown operation \"Format\"; this agent offers RunScript, "), "{}", r.message);
-        let r = execute(&ctx, &job("RunScript", json!({"script": "true"})), &["InitializeDisk".to_string()]);
+        let r = execute(&ctx, &job("RunScript", json!({"script": "true"})), &[Operation::InitializeDisk]);
         assert_eq!(r.status, Status::Refused);
         assert_eq!(
             r.message,
@@ -160,9 +160,8 @@ mod tests {
         // the job reached it, and nothing ran.
         let d = tempfile::tempdir().unwrap();
         let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), true);
-        let all: Vec<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
         for op in OPERATIONS {
-            let r = execute(&ctx, &job(op, json!({"no_such_parameter": 1})), &all);
+            let r = execute(&ctx, &job(op, json!({"no_such_parameter": 1})), Operation::ALL);
             assert_eq!(r.status, Status::Refused, "{op}: {}", r.message);
             assert!(r.message.contains(op) && r.message.contains("no_such_parameter"), "{op}: {}", r.message);
             assert_eq!((r.job_id.as_str(), r.operation.as_str()), ("j-1", *op));
@@ -172,17 +171,17 @@ mod tests {
     #[test]
     fn execute_times_the_job_and_marks_a_dry_run() {
         let d = tempfile::tempdir().unwrap();
-        let all = vec!["RunScript".to_string()];
+        let all = &[Operation::RunScript];
         let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), false);
         let before = now_unix();
-        let r = execute(&ctx, &job("RunScript", json!({"script": "sleep 0.2; echo hi"})), &all);
+        let r = execute(&ctx, &job("RunScript", json!({"script": "sleep 0.2; echo hi"})), all);
         assert_eq!(r.status, Status::Succeeded, "{}", r.message);
         assert_eq!(r.details["stdout"], "hi\n");
         assert!(r.details.get("dry_run").is_none());
         assert!(r.duration_ms >= 200, "{}", r.duration_ms);
         assert!(r.started_at >= before && r.finished_at >= r.started_at && r.finished_at <= now_unix());
         let ctx = JobContext::new(d.path().into(), "/nonexistent/fstab".into(), true);
-        let r = execute(&ctx, &job("RunScript", json!({"script": "echo hi"})), &all);
+        let r = execute(&ctx, &job("RunScript", json!({"script": "echo hi"})), all);
         assert_eq!(r.status, Status::Succeeded, "{}", r.message);
         assert_eq!(r.details["dry_run"], true);
         assert_eq!(r.details["plan"], json!(["/bin/bash SCRIPT"]));
