@@ -246,10 +246,9 @@ impl Agent {
         }
         tracing::info!(job = %job.id, operation = %job.operation, "job started");
         self.report_running(&job);
-        if scope::SCOPED.contains(&job.operation.as_str())
-            && crate::protocol::Operation::parse(&job.operation)
-                .is_some_and(|o| self.cfg.allowed_operations.contains(&o))
-        {
+        let scoped = crate::protocol::Operation::parse(&job.operation)
+            .is_some_and(|o| scope::SCOPED.contains(&o) && self.cfg.allowed_operations.contains(&o));
+        if scoped {
             // In a runner of its own (jobs::scope), which spools the result.
             let stem = crate::state::file_stem(&job.id);
             match scope::launch(&self.cfg.state_dir, &stem, &self.cfg.fstab_path) {

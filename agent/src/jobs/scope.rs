@@ -34,11 +34,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::jobs::{execute, Job, JobContext};
+use crate::protocol::Operation;
 pub use crate::state::running::{check, Runner};
 use crate::state::running::{lock, running};
 
 /// The operations run by a runner of their own.
-pub const SCOPED: &[&str] = &["RunScript", "ExtendPartition", "InitializeDisk"];
+pub const SCOPED: &[Operation] = &[Operation::RunScript, Operation::ExtendPartition, Operation::InitializeDisk];
 
 /// Start the runner of the job whose marker is `running/<stem>.json`.
 pub fn launch(dir: &Path, stem: &str, fstab: &Path) -> std::io::Result<()> {
@@ -99,7 +100,7 @@ pub fn runner(dir: &Path, stem: &str, fstab: &Path) -> i32 {
     let _ = nix::fcntl::fallocate(&*l, nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, room);
     let ctx = JobContext::new(dir.into(), fstab.into(), false);
     // The agent checked the allowlist before it started this runner.
-    let r = execute(&ctx, &job, &crate::protocol::Operation::parse(&job.operation).into_iter().collect::<Vec<_>>());
+    let r = execute(&ctx, &job, Operation::parse(&job.operation).as_slice());
     match crate::state::finish_in(dir, &r) {
         Ok(()) => 0,
         Err(e) => {
